@@ -1,0 +1,266 @@
+"""The multi-task training pipeline on grain: step -> batch, checkpointable, sharded by process.
+
+`grain.MapDataset.range(num_steps).map(batch_for_step)` makes each element a whole per-process
+batch, so the iterator's state is one number, the next step; grain's threads prefetch batches.
+
+Assembling global arrays (multi-process): every process yields only its slice of the global
+batch, `global_batch_size / process_count` rows, process p holding global rows
+[p * b, (p + 1) * b). With a mesh that gives each process's devices one contiguous block of
+the batch axis, in process order, build each global array with
+`jax.make_array_from_process_local_data(NamedSharding(mesh, P(batch_axes)), local_array)`.
+All processes pad to the same length: the bucket is computed from the whole global batch,
+which every process derives cheaply from the shared seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from jaxpref.data import errors
+from jaxpref.data.mixing import MixingPlan
+from jaxpref.data.records import PreferenceItem, as_task_lists
+from jaxpref.data.tokenize import (
+  TokenizedItems,
+  TokenizeOptions,
+  bucket_length,
+  collate,
+  tokenize_items,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBatcher:
+  """Computes the batch of one step for one process (what the grain map runs)."""
+
+  tasks: tuple[TokenizedItems, ...]
+  plan: MixingPlan
+  num_responses: int
+  buckets: tuple[int, ...]
+  padding_side: str
+  process_index: int
+
+  def global_length(self, step: int) -> int:
+    """The bucketed length of the whole global batch: the same on every process."""
+    task_ids, item_ids = self.plan.rows(step)
+    longest = max(
+      int(tok.item_lengths[item_ids[task_ids == t]].max(initial=1))
+      for t, tok in enumerate(self.tasks)
+    )
+    return bucket_length(longest, self.buckets)
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    task_ids, item_ids = self.plan.rows(step, self.process_index)
+    rows = [(self.tasks[t], int(i), int(t)) for t, i in zip(task_ids, item_ids)]
+    return collate(rows, self.num_responses, self.global_length(step), self.padding_side)
+
+
+class PreferenceBatchIterator(grain.DatasetIterator):
+  """Iterator of per-process numpy batch dicts with exact save/restore.
+
+  `get_state()` is a small JSON-serialisable dict (the next step and a fingerprint of the
+  pipeline); `set_state` refuses a state from a differently configured pipeline. It is a
+  `grain.DatasetIterator`, so `grain.checkpoint.CheckpointSave(iterator)` saves it with Orbax.
+
+  Attributes:
+    dataset: the `grain.MapDataset` of batches (`dataset[step]` gives any step's batch).
+    task_names: task of each task id.
+    num_steps: batches in the whole run.
+    steps_per_epoch: steps per epoch (see `MixingPlan`).
+    truncated_by_task: items cut to `max_length`, per task.
+  """
+
+  def __init__(
+    self,
+    dataset: grain.MapDataset,
+    batcher: StepBatcher,
+    task_names: list[str],
+    read_options: grain.ReadOptions,
+    fingerprint: str,
+  ):
+    self._inner = dataset.to_iter_dataset(read_options).__iter__()
+    super().__init__(self._inner)
+    self.dataset = dataset
+    self.batcher = batcher
+    self.task_names = task_names
+    self.num_steps = len(dataset)
+    self.steps_per_epoch = batcher.plan.steps_per_epoch
+    self.truncated_by_task = {n: t.num_truncated for n, t in zip(task_names, batcher.tasks)}
+    self._fingerprint = fingerprint
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._inner)
+
+  def get_state(self) -> dict[str, Any]:
+    return {**self._inner.get_state(), "fingerprint": self._fingerprint}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    state = dict(state)
+    fingerprint = state.pop("fingerprint", None)
+    if fingerprint != self._fingerprint:
+      raise errors.DataConfigError(
+        "the saved data-iterator state belongs to a pipeline with other data or options "
+        f"(fingerprint {fingerprint} != {self._fingerprint}); restore with the same tasks, "
+        "batch size, seed, mixing and process layout"
+      )
+    self._inner.set_state(state)
+
+
+def _fingerprint(tasks: Sequence[TokenizedItems], config: dict[str, Any]) -> str:
+  h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+  for tok in tasks:
+    h.update(tok.task.encode())
+    h.update(tok.item_lengths.tobytes())
+    h.update(tok.scores_r.tobytes())
+  return h.hexdigest()[:16]
+
+
+def build_train_pipeline(
+  tasks: Mapping[str, Sequence[PreferenceItem] | TokenizedItems]
+  | Sequence[Sequence[PreferenceItem] | TokenizedItems],
+  tokenizer: Any,
+  *,
+  global_batch_size: int,
+  max_length: int = 512,
+  mixing: str = "resample",
+  resampling_size: int | None = None,
+  seed: int = 0,
+  shuffle: bool = True,
+  num_epochs: float | None = None,
+  num_steps: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  responses_per_item: int = 2,
+  buckets: Sequence[int] | None = None,
+  truncation_side: str = "left",
+  padding_side: str = "right",
+  special_tokens: str = "auto",
+  num_threads: int = 2,
+  prefetch: int = 4,
+) -> PreferenceBatchIterator:
+  """Builds the multi-task training iterator.
+
+  Args:
+    tasks: `{task name: items}` or a list of item lists (task id = position); items are
+      `PreferenceItem`s (tokenised here) or `TokenizedItems` (already tokenised).
+    tokenizer: Hugging Face tokenizer (`load_tokenizer`); may be None if every task is
+      tokenised already.
+    global_batch_size: items per step over all processes; with `resample` divisible by
+      (number of tasks) x `process_count`.
+    max_length: longest row in tokens (special tokens included).
+    mixing: `resample` (the paper's: equal items of every task in every batch) or
+      `proportional` (all tasks pooled and shuffled).
+    resampling_size: items per task per epoch with `resample`; default the largest task.
+    seed: seed of the mixing and shuffling.
+    shuffle: shuffle items (False: file order, for debugging).
+    num_epochs: run length in epochs (rounded up to whole steps); default 1 if `num_steps` is
+      not given.
+    num_steps: run length in steps (exclusive with `num_epochs`).
+    process_index, process_count: this process and how many share a global batch.
+    responses_per_item: N, the response axis; items with fewer responses are padded with
+      score -1 and an all-zero mask; an item with more is an error.
+    buckets: allowed padded lengths, ending at `max_length`; default powers of two from 32.
+    truncation_side, padding_side, special_tokens: see `TokenizeOptions`.
+    num_threads, prefetch: grain threads and batches prefetched.
+
+  Returns:
+    `PreferenceBatchIterator` yielding dicts with `input_ids` int32 [b, N, L],
+    `attention_mask` int32 [b, N, L], `scores` float32 [b, N], `task_ids` int32 [b], where
+    b = global_batch_size / process_count and L is a bucket.
+  """
+  if num_epochs is not None and num_steps is not None:
+    raise errors.DataConfigError("give num_epochs or num_steps, not both")
+  if not 0 <= process_index < process_count:
+    raise errors.DataConfigError(f"process_index={process_index} must be in [0, {process_count})")
+  if global_batch_size < 1:
+    raise errors.DataConfigError(f"global_batch_size={global_batch_size} must be >= 1")
+  options = TokenizeOptions(
+    max_length=max_length,
+    truncation_side=truncation_side,
+    padding_side=padding_side,
+    special_tokens=special_tokens,
+    buckets=tuple(buckets) if buckets else None,
+  )
+  names, lists = as_task_lists(tasks)
+  tokenized = []
+  for name, items in zip(names, lists):
+    if isinstance(items, TokenizedItems):
+      tok = items
+    else:
+      if tokenizer is None:
+        raise errors.DataConfigError(f"task {name!r} is not tokenised and no tokenizer is given")
+      tok = tokenize_items(items, tokenizer, options, task=name)
+    if not len(tok):
+      raise errors.DataConfigError(f"task {name!r} has no items")
+    most = int(tok.responses_per_item.max())
+    if most > responses_per_item:
+      i = int(np.argmax(tok.responses_per_item))
+      where = f"item {i}" if isinstance(items, TokenizedItems) else items[i].where
+      raise errors.DataConfigError(
+        f"task {name!r} ({where}) has {most} responses but responses_per_item={responses_per_item}"
+      )
+    if int(tok.item_lengths.max()) > max_length:
+      raise errors.DataConfigError(
+        f"task {name!r} was tokenised for a longer max_length than {max_length}"
+      )
+    tokenized.append(tok)
+  plan = MixingPlan(
+    [len(t) for t in tokenized],
+    global_batch_size,
+    mixing=mixing,
+    resampling_size=resampling_size,
+    seed=seed,
+    shuffle=shuffle,
+    process_count=process_count,
+  )
+  if num_steps is None:
+    num_steps = plan.steps_for_epochs(1.0 if num_epochs is None else num_epochs)
+  if num_steps < 1:
+    raise errors.DataConfigError(f"the run has {num_steps} steps; need at least 1")
+  batcher = StepBatcher(
+    tasks=tuple(tokenized),
+    plan=plan,
+    num_responses=responses_per_item,
+    buckets=options.bucket_lengths,
+    padding_side=padding_side,
+    process_index=process_index,
+  )
+  # The run length is left out: a run may be resumed with more steps (the batch of a step does
+  # not depend on how many steps follow it).
+  config = {
+    "names": names,
+    "global_batch_size": global_batch_size,
+    "mixing": mixing,
+    "resampling_size": plan.resampling_size,
+    "seed": seed,
+    "shuffle": shuffle,
+    "process_index": process_index,
+    "process_count": process_count,
+    "responses_per_item": responses_per_item,
+    "buckets": list(options.bucket_lengths),
+    "padding_side": padding_side,
+  }
+  dataset = grain.MapDataset.range(num_steps).map(batcher)
+  read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  logging.info(
+    "train data: tasks %s with %s items, %s mixing, %d steps (%.1f per epoch), "
+    "global batch %d, %d processes",
+    names,
+    [len(t) for t in tokenized],
+    mixing,
+    num_steps,
+    plan.steps_per_epoch,
+    global_batch_size,
+    process_count,
+  )
+  return PreferenceBatchIterator(
+    dataset, batcher, names, read_options, _fingerprint(tokenized, config)
+  )

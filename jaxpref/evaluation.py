@@ -1,0 +1,104 @@
+"""Scoring preference items with the shared compiled scorer, and calibration reports of them.
+
+Used by the eval CLI (`jaxpref.eval`), by evaluation during training (`TrainEvaluator`) and by the
+experiments: every path goes through `scoring.compiled_score_fn`, the function `jaxpref.score`
+and the train step use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxpref import calibration, scoring
+from jaxpref.data import eval_batches, tokenize
+from jaxpref.data.records import PreferenceItem
+from jaxpref.models.config import ModelConfig
+
+# The metrics logged per task during training (the full report has more).
+LOGGED_METRICS = ("accuracy", "n_pairs", "ece_10", "ace_10", "mce_10", "nll", "brier")
+
+
+def tokenized_eval_batches(items: Sequence[PreferenceItem], tokenizer, *, batch_size: int,
+                           max_length: int, truncation_side: str = "left", min_bucket: int = 32
+                           ) -> list[dict[str, np.ndarray]]:
+  """Fixed-size, length-bucketed batches holding every item exactly once (see `valid_b`)."""
+  return list(eval_batches.build_eval_batches(
+      items, tokenizer, batch_size=batch_size, max_length=max_length,
+      truncation_side=truncation_side,
+      buckets=tokenize.length_buckets(max_length, min_bucket)))
+
+
+def collect_rewards(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Rewards and scores of every real item in `batches`, as [num_items, N_max] arrays.
+
+  Responses beyond an item's own count are padded with score -1 (ignored by every metric).
+  """
+  score = scoring.compiled_score_fn(cfg)
+  rewards, scores = [], []
+  for batch in batches:
+    rewards_bn, _ = score(params, batch["input_ids"], batch["attention_mask"])
+    valid_b = np.asarray(batch["valid_b"], bool)
+    rewards.append(np.asarray(jax.device_get(rewards_bn))[valid_b])
+    scores.append(np.asarray(batch["scores"])[valid_b])
+  if not rewards:
+    return np.zeros((0, 2), np.float32), np.full((0, 2), -1.0, np.float32)
+  width = max(r.shape[1] for r in rewards)
+  pad = lambda a, value: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
+  return (np.concatenate([pad(r, 0.0) for r in rewards]).astype(np.float32),
+          np.concatenate([pad(s, -1.0) for s in scores]).astype(np.float32))
+
+
+def report_for(rewards_bn: np.ndarray, scores_bn: np.ndarray, **kwargs) -> dict[str, Any]:
+  return calibration.calibration_report(rewards_bn, scores_bn, **kwargs)
+
+
+class TrainEvaluator:
+  """Per-task accuracy and calibration on held-out splits, during and after training.
+
+  Batches are tokenised once; each call scores them with the current parameters and returns
+  flat scalars `eval/<task>/<metric>` plus `eval/all/<metric>` over every task together.
+  """
+
+  def __init__(self, cfg: ModelConfig, eval_items: Mapping[str, Sequence[PreferenceItem]],
+               tokenizer, *, batch_size: int, max_length: int, min_bucket: int = 32,
+               truncation_side: str = "left", n_bootstrap: int = 0):
+    self.cfg = cfg
+    self.n_bootstrap = n_bootstrap
+    self.batches = {
+        task: tokenized_eval_batches(items, tokenizer, batch_size=batch_size,
+                                     max_length=max_length, truncation_side=truncation_side,
+                                     min_bucket=min_bucket)
+        for task, items in eval_items.items() if items
+    }
+
+  @property
+  def has_data(self) -> bool:
+    return bool(self.batches)
+
+  def reports(self, params) -> dict[str, dict[str, Any]]:
+    """Full calibration reports per task and for all tasks together (`all`)."""
+    per_task, all_rewards, all_scores = {}, [], []
+    for task, batches in self.batches.items():
+      rewards_bn, scores_bn = collect_rewards(self.cfg, params, batches)
+      per_task[task] = report_for(rewards_bn, scores_bn, n_bootstrap=self.n_bootstrap)
+      all_rewards.append(rewards_bn)
+      all_scores.append(scores_bn)
+    if all_rewards:
+      width = max(r.shape[1] for r in all_rewards)
+      pad = lambda a, v: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=v)
+      per_task["all"] = report_for(np.concatenate([pad(r, 0.0) for r in all_rewards]),
+                                   np.concatenate([pad(s, -1.0) for s in all_scores]),
+                                   n_bootstrap=self.n_bootstrap)
+    return per_task
+
+  def evaluate(self, params) -> dict[str, float]:
+    scalars = {}
+    for task, report in self.reports(params).items():
+      for name in LOGGED_METRICS:
+        scalars[f"eval/{task}/{name}"] = float(report[name])
+    return scalars

@@ -1,0 +1,108 @@
+"""Model configuration shared by every backbone.
+
+One flat, frozen dataclass so that `--config.model.<field>=value` overrides work for every
+architecture; fields that an architecture does not use are ignored by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+ARCHS = ("gpt_neox", "llama", "bert")
+POOLINGS = ("last", "eos", "mean", "max", "cls", "pooler")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of a reward model.
+
+  Attributes mirror the Hugging Face config fields of the same meaning; `from_hf` in
+  `jaxpref.models.hf_io` translates a `config.json` into this class.
+  """
+
+  arch: str = "gpt_neox"
+  vocab_size: int = 512
+  hidden_size: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0 means num_heads (no grouped-query attention).
+  head_dim: int = 0  # 0 means hidden_size // num_heads.
+  intermediate_size: int = 256
+  max_position_embeddings: int = 2048
+  norm_eps: float = 1e-5
+  hidden_act: str = "gelu"
+  initializer_range: float = 0.02
+  # Rotary position embeddings (GPT-NeoX and Llama).
+  rotary_pct: float = 1.0
+  rope_theta: float = 10000.0
+  # Hugging Face `rope_scaling` as sorted (key, value) items so the config stays hashable.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  # GPT-NeoX.
+  use_parallel_residual: bool = True
+  # Llama: biases on q/k/v/o projections and on the MLP.
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False
+  # BERT.
+  type_vocab_size: int = 2
+  # Special tokens (used by `eos` pooling and by tokenisation).
+  pad_token_id: int | None = None
+  eos_token_id: int | None = None
+  bos_token_id: int | None = None
+  # Reward head.
+  pooling: str = "last"
+  head_bias: bool = False
+  # Numerics and memory.
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.arch not in ARCHS:
+      raise ValueError(f"model.arch={self.arch!r} is not supported; choose one of {ARCHS}")
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"model.pooling={self.pooling!r} is not supported; choose one of {POOLINGS}")
+    if self.hidden_size % self.num_heads and not self.head_dim:
+      raise ValueError(
+          f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
+          f"{self.num_heads}; set model.head_dim explicitly")
+    if self.kv_heads and self.num_heads % self.kv_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads="
+          f"{self.kv_heads}")
+    for field in ("param_dtype", "dtype"):
+      if getattr(self, field) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.{field}={getattr(self, field)!r}: use float32 or bfloat16")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any] | None:
+    return dict(self.rope_scaling) if self.rope_scaling else None
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
+
+
+def freeze_rope_scaling(rope_scaling: dict[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
+  """Turns a Hugging Face `rope_scaling` dict into the hashable form ModelConfig stores."""
+  if not rope_scaling:
+    return None
+  return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rope_scaling.items()))

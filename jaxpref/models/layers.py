@@ -1,0 +1,162 @@
+"""Building blocks shared by the backbones, with logical axis names on every parameter.
+
+Logical axis names used across jaxpref (mapped onto mesh axes by `jaxpref.sharding.LOGICAL_RULES`):
+  "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", and None (replicated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpref.models.config import ModelConfig
+
+
+def normal_init(cfg: ModelConfig):
+  """Hugging Face's default `_init_weights` for linear and embedding layers."""
+  return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+def dense(cfg: ModelConfig, features: int | Sequence[int], axes: tuple[str | None, ...], *,
+          use_bias: bool, name: str, in_axis: int | Sequence[int] = -1) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel (and bias) carry logical axis names.
+
+  Args:
+    cfg: model config (dtypes, initializer range).
+    features: output feature shape.
+    axes: logical names of the kernel axes, input axes first.
+    use_bias: whether the layer has a bias (bias axes are the output part of `axes`).
+    name: parameter scope name.
+    in_axis: contracted input axes.
+  """
+  n_out = 1 if isinstance(features, int) else len(features)
+  return nn.DenseGeneral(
+      features=features,
+      axis=in_axis,
+      use_bias=use_bias,
+      dtype=cfg.jnp_dtype,
+      param_dtype=cfg.jnp_param_dtype,
+      kernel_init=nn.with_logical_partitioning(normal_init(cfg), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]),
+      name=name,
+  )
+
+
+def embed(cfg: ModelConfig, num_embeddings: int, name: str) -> nn.Embed:
+  return nn.Embed(
+      num_embeddings=num_embeddings,
+      features=cfg.hidden_size,
+      dtype=cfg.jnp_dtype,
+      param_dtype=cfg.jnp_param_dtype,
+      embedding_init=nn.with_logical_partitioning(normal_init(cfg), ("vocab", "embed")),
+      name=name,
+  )
+
+
+def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=cfg.norm_eps,
+      # Two-pass variance, as torch computes it: E[x^2] - E[x]^2 loses precision when |mean| >> std.
+      use_fast_variance=False,
+      dtype=cfg.jnp_dtype,
+      param_dtype=cfg.jnp_param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+      name=name,
+  )
+
+
+class RMSNorm(nn.Module):
+  """Llama's RMSNorm: statistics in float32, scale applied after casting back (as HF does)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param(
+        "scale",
+        nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        (x.shape[-1],),
+        self.cfg.jnp_param_dtype,
+    )
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return scale.astype(self.cfg.jnp_dtype) * x32.astype(self.cfg.jnp_dtype)
+
+
+def activation(name: str):
+  """Activation functions by their Hugging Face `hidden_act` names."""
+  table = {
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+      "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+      "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+      "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+      "relu": jax.nn.relu,
+      "silu": jax.nn.silu,
+      "swish": jax.nn.silu,
+  }
+  if name not in table:
+    raise ValueError(f"hidden_act={name!r} is not supported; choose one of {sorted(table)}")
+  return table[name]
+
+
+def positions_from_mask(attention_mask_bl: jax.Array) -> jax.Array:
+  """Position ids that ignore padding on either side: 0 at each sequence's first real token.
+
+  Hugging Face decoders default to `arange(L)` whatever the padding, so a left-padded batch gets
+  shifted positions there; jaxpref makes rewards independent of the padding side instead (the
+  parity tests pass these positions to transformers explicitly).
+  """
+  return jnp.maximum(jnp.cumsum(attention_mask_bl.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_padding_mask(attention_mask_bl: jax.Array) -> jax.Array:
+  """Boolean attention mask [B, 1, L, L]: query i sees key j iff j <= i and j is a real token.
+
+  Used with `jax.nn.dot_product_attention`, which fills masked scores with a large finite negative
+  number, so a row with no visible key (a padded query, or an all-padding response) stays finite.
+  """
+  length = attention_mask_bl.shape[-1]
+  causal_ll = jnp.tril(jnp.ones((length, length), dtype=bool))
+  return causal_ll[None, None] & (attention_mask_bl > 0)[:, None, None, :]
+
+
+def scan_layers(layer_cls: type[nn.Module], cfg: ModelConfig, *, num_broadcast: int,
+                name: str = "layers", **layer_kwargs) -> nn.Module:
+  """`cfg.num_layers` copies of `layer_cls` stacked with `nn.scan` (rematerialised if `cfg.remat`).
+
+  The layer is called as `layer(carry, *broadcast_args) -> (carry, per_layer_output)`; every
+  parameter gets a leading "layers" axis (logical name "layers").
+
+  Args:
+    layer_cls: a linen Module class with a `cfg` attribute.
+    cfg: model config (`num_layers`, `remat`).
+    num_broadcast: number of arguments after the carry, shared by all layers.
+    name: parameter scope name.
+    **layer_kwargs: further attributes of the layer (e.g. whether to emit hidden states).
+  """
+  if cfg.remat:
+    # prevent_cse=False is safe (and faster) inside scan, which already blocks CSE across steps.
+    layer_cls = nn.remat(layer_cls, prevent_cse=False)
+  scanned = nn.scan(
+      layer_cls,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast,) * num_broadcast,
+      length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+  return scanned(cfg=cfg, name=name, **layer_kwargs)
+
+
+def stack_hidden_states(embedded_bld: jax.Array, per_layer_nbld: jax.Array,
+                        final_bld: jax.Array) -> jax.Array:
+  """Hugging Face's `output_hidden_states` of a pre-norm decoder as one array [N + 1, B, L, D].
+
+  transformers 5 returns the embeddings, then each layer's output, with the last one replaced by
+  the final-norm output (`last_hidden_state`).
+  """
+  return jnp.concatenate([embedded_bld[None], per_layer_nbld[:-1], final_bld[None]], axis=0)

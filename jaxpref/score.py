@@ -1,0 +1,173 @@
+"""`python -m jaxpref.score --model=DIR --data=IN.jsonl --output=OUT.jsonl`: rewards for records.
+
+Each input line is a JSON object, written back with what was computed added:
+  {"text": "..."}                         -> + "reward"
+  {"text": ["...", "..."]}                -> + "rewards"
+  {"prompt": "...", "responses": [...]}   -> + "rewards", "best_index" (best-of-n / rejection
+                                             sampling: the response with the highest reward)
+Text is tokenised as `AutoTokenizer.from_pretrained(DIR)(text, truncation=True, max_length=N)`, so
+rewards match transformers' `AutoModelForSequenceClassification` on the same checkpoint. Batches
+are sorted by length and padded to a few length buckets: one compilation per bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags, logging
+
+from jaxpref import cli
+from jaxpref.data.errors import DataError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "A local Hugging Face reward-model dir (or use --workdir).")
+flags.DEFINE_string("workdir", None, "A jaxpref training workdir (instead of --model).")
+flags.DEFINE_integer("step", None, "Checkpoint step with --workdir (default: the latest).")
+flags.DEFINE_string("data", None, "Input JSON-lines file (.jsonl or .jsonl.gz).")
+flags.DEFINE_string("output", None, "Output JSON-lines file.")
+flags.DEFINE_integer("max_length", None, "Truncation length (default: the tokenizer's "
+                     "model_max_length, capped at the model's max_position_embeddings).")
+flags.DEFINE_integer("batch_size", 16, "Sequences per batch.")
+flags.DEFINE_string("template", "{prompt}{response}",
+                    "How a best-of-n record's prompt and response are joined into one text.")
+flags.DEFINE_boolean("apply_temperature", False,
+                     "Divide rewards by the temperature stored in the model dir / workdir "
+                     "(temperature.json, written by `jaxpref.eval --fit_temperature`).")
+flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
+                  "Malformed records: raise (stop with file:line) or skip them and count them.")
+flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+
+TEMPERATURE_FILE = "temperature.json"
+
+
+def read_temperature(model_dir: str | Path) -> float:
+  path = Path(model_dir) / TEMPERATURE_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: run `python -m jaxpref.eval ... "
+                            "--fit_temperature` first, or drop --apply_temperature")
+  return float(json.loads(path.read_text())["temperature"])
+
+
+def record_texts(record: Any, where: str, template: str) -> tuple[str, list[str]]:
+  """`(kind, texts)` of one input record; kind is `single`, `list` or `best_of_n`."""
+  if not isinstance(record, dict):
+    raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
+  if "text" in record:
+    text = record["text"]
+    if isinstance(text, str):
+      texts, kind = [text], "single"
+    elif isinstance(text, list) and all(isinstance(t, str) for t in text):
+      texts, kind = text, "list"
+    else:
+      raise DataError(where, "'text' must be a string or a list of strings")
+  elif "prompt" in record and "responses" in record:
+    prompt, responses = record["prompt"], record["responses"]
+    if not isinstance(prompt, str) or not isinstance(responses, list) or not responses or not all(
+        isinstance(r, str) for r in responses):
+      raise DataError(where, "'prompt' must be a string and 'responses' a non-empty list of "
+                      "strings")
+    texts = [template.format(prompt=prompt, response=r) for r in responses]
+    kind = "best_of_n"
+  else:
+    raise DataError(where, "a record needs 'text' (string or list) or 'prompt' + 'responses'")
+  if any(not t for t in texts):
+    raise DataError(where, "empty text")
+  return kind, texts
+
+
+def read_records(path: str, on_error: str) -> tuple[list[tuple[int, dict]], Counter]:
+  """Parsed records with their line numbers; skipped lines counted by reason."""
+  import gzip
+  opener = gzip.open if path.endswith(".gz") else open
+  records, skipped = [], Counter()
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"--data={path}: no such file")
+  with opener(path, "rt", encoding="utf-8") as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        records.append((line_no, json.loads(line)))
+      except json.JSONDecodeError as e:
+        if on_error == "raise":
+          raise DataError(f"{path}:{line_no}", f"invalid JSON ({e.msg})") from None
+        skipped["invalid_json"] += 1
+  return records, skipped
+
+
+def score_records(scorer, tokenizer, records, *, max_length: int, template: str, on_error: str,
+                  source: str, temperature: float = 1.0, progress: bool = False
+                  ) -> tuple[list[dict], Counter]:
+  """Adds rewards to each record (see module docstring); returns the output records and skips."""
+  skipped: Counter = Counter()
+  parsed = []
+  for line_no, record in records:
+    try:
+      parsed.append((record, *record_texts(record, f"{source}:{line_no}", template)))
+    except DataError as e:
+      if on_error == "raise":
+        raise
+      skipped["bad_record"] += 1
+      logging.warning("skipping %s", e)
+  flat_texts = [t for _, _, texts in parsed for t in texts]
+  encoded = tokenizer(flat_texts, truncation=True, max_length=max_length)["input_ids"]
+  rewards = scorer.score_token_ids(encoded, progress=progress) / temperature
+  outputs, offset = [], 0
+  for record, kind, texts in parsed:
+    values = [float(r) for r in rewards[offset:offset + len(texts)]]
+    offset += len(texts)
+    out = dict(record)
+    if kind == "single":
+      out["reward"] = values[0]
+    else:
+      out["rewards"] = values
+      if kind == "best_of_n":
+        out["best_index"] = int(max(range(len(values)), key=values.__getitem__))
+    outputs.append(out)
+  return outputs, skipped
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name in ("data", "output"):
+    if not FLAGS[name].value:
+      raise app.UsageError(f"--{name} is required")
+  from jaxpref.data.tokenize import load_tokenizer
+  from jaxpref.model_source import load_for_inference
+  from jaxpref.scoring import Scorer
+
+  cfg, params, tokenizer_path, step = load_for_inference(model=FLAGS.model, workdir=FLAGS.workdir,
+                                                         step=FLAGS.step)
+  tokenizer = load_tokenizer(tokenizer_path)
+  max_length = FLAGS.max_length or default_max_length(tokenizer, cfg)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  scorer = Scorer(cfg, params, batch_size=FLAGS.batch_size, max_length=max_length,
+                  pad_token_id=pad_id)
+  temperature = read_temperature(FLAGS.model or FLAGS.workdir) if FLAGS.apply_temperature else 1.0
+  records, skipped = read_records(FLAGS.data, FLAGS.on_error)
+  outputs, more_skipped = score_records(
+      scorer, tokenizer, records, max_length=max_length, template=FLAGS.template,
+      on_error=FLAGS.on_error, source=FLAGS.data, temperature=temperature,
+      progress=FLAGS.progress and len(records) > 64)
+  skipped.update(more_skipped)
+  Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
+  with open(FLAGS.output, "w", encoding="utf-8") as f:
+    for out in outputs:
+      f.write(json.dumps(out, ensure_ascii=False) + "\n")
+  summary = {"read": len(records) + skipped["invalid_json"], "scored": len(outputs),
+             "skipped": dict(skipped)}
+  print(f"jaxpref.score: {json.dumps(summary)} -> {FLAGS.output}", file=sys.stderr)
+
+
+def default_max_length(tokenizer, cfg) -> int:
+  model_max = getattr(tokenizer, "model_max_length", None) or cfg.max_position_embeddings
+  return int(min(model_max, cfg.max_position_embeddings))
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: cli.run_main("jaxpref.score", main, argv))

@@ -1,0 +1,125 @@
+"""The one scoring function that training, evaluation, calibration and `jaxpref.score` share.
+
+`score_fn(cfg, params, input_ids_bnl, attention_mask_bnl) -> (rewards_bn, pooled_bnd)` scores a
+stacked response axis in one forward pass. The train step differentiates it; `Scorer` jits it once
+per padded shape for evaluation and scoring, so nothing re-implements the forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpref.models import reward_model
+from jaxpref.models.config import ModelConfig
+
+
+def score_fn(cfg: ModelConfig, params, input_ids_bnl: jax.Array,
+             attention_mask_bnl: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rewards of every response of every item.
+
+  Args:
+    cfg: model config (static).
+    params: reward-model parameters.
+    input_ids_bnl: token ids, [B, N, L] (or [B, L], treated as N = 1 and squeezed back).
+    attention_mask_bnl: 1 on real tokens, same shape.
+
+  Returns:
+    rewards_bn (float32) and the pooled embeddings pooled_bnd that the linear head saw.
+  """
+  squeeze = input_ids_bnl.ndim == 2
+  if squeeze:
+    input_ids_bnl, attention_mask_bnl = input_ids_bnl[:, None], attention_mask_bnl[:, None]
+  b, n, length = input_ids_bnl.shape
+  outputs = reward_model.apply(cfg, params, input_ids_bnl.reshape(b * n, length),
+                               attention_mask_bnl.reshape(b * n, length))
+  rewards_bn = outputs["rewards"].reshape(b, n)
+  pooled_bnd = outputs["pooled"].reshape(b, n, -1)
+  if squeeze:
+    return rewards_bn[:, 0], pooled_bnd[:, 0]
+  return rewards_bn, pooled_bnd
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_score_fn(cfg: ModelConfig):
+  """`score_fn` jitted for one config; jax caches one executable per input shape and sharding."""
+  return jax.jit(functools.partial(score_fn, cfg))
+
+
+def pad_rows(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket that holds `length` tokens (the largest bucket if none does)."""
+  for bucket in buckets:
+    if length <= bucket:
+      return bucket
+  return buckets[-1]
+
+
+def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
+  """Powers of two from `smallest` up to `max_length`, plus `max_length` itself."""
+  buckets, size = [], smallest
+  while size < max_length:
+    buckets.append(size)
+    size *= 2
+  buckets.append(max_length)
+  return tuple(buckets)
+
+
+class Scorer:
+  """Scores tokenised sequences in fixed-shape batches with the shared compiled `score_fn`.
+
+  Sequences are grouped by length (sorted), each batch padded to `batch_size` rows and to a length
+  bucket, so the number of compilations is at most the number of buckets.
+  """
+
+  def __init__(self, cfg: ModelConfig, params, *, batch_size: int = 16, max_length: int = 512,
+               buckets: Sequence[int] | None = None, pad_token_id: int = 0,
+               padding_side: str = "right"):
+    self.cfg, self.params = cfg, params
+    self.batch_size = batch_size
+    self.buckets = tuple(buckets) if buckets else default_buckets(max_length)
+    self.pad_token_id = pad_token_id
+    if padding_side not in ("left", "right"):
+      raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
+    self.padding_side = padding_side
+    self._fn = compiled_score_fn(cfg)
+
+  def _pad_batch(self, sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    length = pad_rows(max(len(s) for s in sequences), self.buckets)
+    ids_bl = np.full((self.batch_size, length), self.pad_token_id, np.int32)
+    mask_bl = np.zeros((self.batch_size, length), np.int32)
+    for row, seq in enumerate(sequences):
+      seq = list(seq)[-length:] if self.padding_side == "left" else list(seq)[:length]
+      span = slice(length - len(seq), length) if self.padding_side == "left" else slice(0, len(seq))
+      ids_bl[row, span] = seq
+      mask_bl[row, span] = 1
+    return ids_bl, mask_bl
+
+  def score_token_ids(self, sequences: Sequence[Sequence[int]], *, progress: bool = False
+                      ) -> np.ndarray:
+    """Rewards (float32, input order) for a list of token-id sequences."""
+    if not sequences:
+      return np.zeros((0,), np.float32)
+    if any(len(s) == 0 for s in sequences):
+      raise ValueError("cannot score an empty token sequence")
+    order = np.argsort([len(s) for s in sequences], kind="stable")
+    rewards = np.zeros((len(sequences),), np.float32)
+    batches: Iterable = range(0, len(order), self.batch_size)
+    if progress:
+      from tqdm.auto import tqdm
+      batches = tqdm(batches, desc="scoring", unit="batch", total=-(-len(order) // self.batch_size))
+    for start in batches:
+      index = order[start:start + self.batch_size]
+      ids_bl, mask_bl = self._pad_batch([sequences[i] for i in index])
+      rewards_b, _ = self._fn(self.params, jnp.asarray(ids_bl), jnp.asarray(mask_bl))
+      rewards[index] = np.asarray(rewards_b)[:len(index)]
+    return rewards
+
+  def score_batch(self, input_ids_bnl: np.ndarray, attention_mask_bnl: np.ndarray) -> np.ndarray:
+    """Rewards [B, N] of an already padded preference batch."""
+    rewards_bn, _ = self._fn(self.params, jnp.asarray(input_ids_bnl),
+                             jnp.asarray(attention_mask_bnl))
+    return np.asarray(rewards_bn)

@@ -1,0 +1,117 @@
+"""From `config.data` to a resumable multi-task batch iterator and held-out splits per task."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from jaxpref import sharding
+from jaxpref.data import pipeline, reader, splits, tokenize
+from jaxpref.data.errors import DataConfigError
+from jaxpref.data.records import DataSummary, PreferenceItem, group_by_task
+from jaxpref.models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class TrainData:
+  task_names: list[str]
+  tokenizer: Any
+  train_pipeline: Any  # iterator of per-process numpy batches with get_state() / set_state()
+  eval_items: dict[str, list[PreferenceItem]]
+  num_steps: int  # train.steps, or one epoch of the mixed data when that is 0
+  summary: DataSummary
+  model_cfg: ModelConfig
+
+
+def task_files(data: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """`(task_name, path)` per data file; names are file stems unless `data.task_names` is set."""
+  files = [f.strip() for f in data.files.split(",") if f.strip()]
+  if not files:
+    raise DataConfigError("data.files is empty: give comma-separated preference files")
+  names = [n.strip() for n in data.task_names.split(",") if n.strip()]
+  if names and len(names) != len(files):
+    raise DataConfigError(f"data.task_names has {len(names)} names for {len(files)} data.files")
+  if not names:
+    names = [Path(f).name.split(".")[0] for f in files]
+  if len(set(names)) != len(names):
+    raise DataConfigError(f"task names {names} are not unique; set data.task_names")
+  return list(zip(names, files))
+
+
+def _with_token_ids(cfg: ModelConfig, tokenizer) -> ModelConfig:
+  """Fills the model's pad / eos ids from the tokenizer where the config leaves them unset."""
+  changes = {}
+  if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
+    changes["pad_token_id"] = int(tokenizer.pad_token_id)
+  if cfg.eos_token_id is None and tokenizer.eos_token_id is not None:
+    changes["eos_token_id"] = int(tokenizer.eos_token_id)
+  if len(tokenizer) > cfg.vocab_size:
+    raise DataConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                          f"{cfg.vocab_size}")
+  return cfg.replace(**changes) if changes else cfg
+
+
+def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainData:
+  """Reads every task's file, splits off held-out items, and builds the train pipeline."""
+  data = config.data
+  tokenizer_path = data.tokenizer or config.model.path
+  if not tokenizer_path:
+    raise DataConfigError("no tokenizer: set data.tokenizer (an HF dir or tokenizer.json) or "
+                          "model.path")
+  tokenizer = tokenize.load_tokenizer(tokenizer_path)
+  model_cfg = _with_token_ids(model_cfg, tokenizer)
+
+  summary = DataSummary()
+  train_items, eval_items = {}, {}
+  for name, path in task_files(data):
+    items, file_summary = reader.read_preferences(path, format=data.format,
+                                                  on_error=data.on_error,
+                                                  on_tie=data.on_tie or None, task=name,
+                                                  tokenizer=tokenizer)
+    summary = summary.merge(file_summary)
+    if not items:
+      raise DataConfigError(f"{path}: no usable preference items")
+    # A domain-specific file yields one task per domain (`<name>_<domain>`).
+    for task, task_items in group_by_task(items).items():
+      if task in train_items:
+        raise DataConfigError(f"task {task!r} comes from two files; set data.task_names")
+      train, held_out = splits.split_items(task_items, data.eval_fraction, seed=data.split_seed)
+      train_items[task], eval_items[task] = train, held_out
+      logging.info("task %s: %d train / %d eval items from %s", task, len(train),
+                   len(held_out), path)
+  task_names = list(train_items)
+  train_pipeline = pipeline.build_train_pipeline(
+      [train_items[t] for t in task_names], tokenizer,
+      global_batch_size=config.train.batch_size,
+      max_length=data.max_length,
+      mixing=data.mixing,
+      resampling_size=data.resampling_size or None,
+      seed=config.train.seed,
+      num_steps=config.train.steps or None,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      truncation_side=data.truncation_side,
+      buckets=tokenize.length_buckets(data.max_length, data.min_bucket),
+  )
+  return TrainData(task_names=task_names, tokenizer=tokenizer, train_pipeline=train_pipeline,
+                   eval_items=eval_items, num_steps=train_pipeline.num_steps,
+                   summary=summary, model_cfg=model_cfg)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global arrays sharded over the mesh's batch axes."""
+  out = {}
+  for name, local in local_batch.items():
+    if name not in ("input_ids", "attention_mask", "scores", "task_ids"):
+      continue
+    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    out[name] = jax.make_array_from_process_local_data(
+        sharding.batch_sharding(mesh, global_shape), local, global_shape)
+  return out

@@ -1,0 +1,44 @@
+"""Full-size presets: jaxpref's parameter count equals transformers' for the same config.
+
+Neither side materialises weights: jaxpref uses `jax.eval_shape` (`abstract_params`), transformers
+builds `AutoModelForSequenceClassification` (num_labels=1) on the `meta` device.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpref.models import presets
+from jaxpref.models import reward_model as rm
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_param_count_matches_transformers(name):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf_cfg = {k: v for k, v in presets.PRESETS[name].items() if k != "architectures"}
+  config = transformers.AutoConfig.for_model(**hf_cfg, num_labels=1)
+  with torch.device("meta"):
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+  want = sum(p.numel() for p in model.parameters())
+  params = rm.abstract_params(presets.preset(name))
+  assert rm.count_params(params) == want
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+
+
+def test_known_sizes_without_torch():
+  # Pythia paper: 6,857,302,016 parameters with the untied LM head of 50432 x 4096; the reward
+  # model drops that head and adds a 4096 x 1 score layer.
+  params = rm.abstract_params(presets.preset("pythia-6.9b"))
+  assert rm.count_params(params) == 6_857_302_016 - 50432 * 4096 + 4096
+  cfg = presets.preset("llama-3.1-8b", dtype="bfloat16")
+  assert (cfg.kv_heads, cfg.rope_theta, cfg.eos_token_id) == (8, 500000.0, 128001)
+  assert dict(cfg.rope_scaling)["rope_type"] == "llama3" and cfg.dtype == "bfloat16"
+  assert np.dtype(cfg.jnp_param_dtype) == np.float32
+
+
+def test_unknown_preset_lists_known_ones():
+  with pytest.raises(ValueError, match="pythia-1.4b"):
+    presets.preset("pythia-1b")

@@ -1,0 +1,64 @@
+"""Reliability diagrams are real PNG images of the expected size."""
+
+from __future__ import annotations
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from jaxpref import calibration, plots
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def report():
+  rng = np.random.default_rng(0)
+  rewards_bn = rng.normal(scale=1.5, size=(2000, 2)).astype(np.float32)
+  prefer_first = rng.random(2000) < 1 / (1 + np.exp(-(rewards_bn[:, 0] - rewards_bn[:, 1])))
+  scores_bn = np.stack([prefer_first, ~prefer_first], axis=1).astype(np.float32)
+  return calibration.calibration_report(3.0 * rewards_bn, scores_bn, n_bootstrap=0)
+
+
+def assert_png(path, height, width):
+  data = path.read_bytes()
+  assert data[:8] == PNG_SIGNATURE
+  assert len(data) > 20_000  # bars, text and axes, not an empty canvas
+  image = matplotlib.image.imread(path)
+  assert image.shape[:2] == (height, width)
+  assert image.std() > 0.05  # not a blank image
+
+
+def test_reliability_diagram_from_a_report(report, tmp_path):
+  path = plots.reliability_diagram(report, tmp_path / "sub" / "reliability.png", "a model")
+  assert_png(tmp_path / "sub" / "reliability.png", 672, 552)  # 5.6 x 4.6 inches at 120 dpi
+  assert path.endswith("reliability.png")
+
+
+def test_reliability_diagram_from_bins_with_empty_bins(tmp_path):
+  bins = {
+    "edges": [0.0, 0.25, 0.5, 0.75, 1.0],
+    "confidence": [0.1, None, None, 0.9],
+    "frequency": [0.3, None, None, 0.7],
+    "count": [10, 0, 0, 10],
+  }
+  plots.reliability_diagram(bins, tmp_path / "bins.png")
+  assert_png(tmp_path / "bins.png", 672, 552)
+
+
+def test_reliability_grid_rows_by_columns(report, tmp_path):
+  grid = {"bt": {"hh": report, "shp": report}, "more": {"shp": report["reliability"]}}
+  plots.reliability_grid(grid, tmp_path / "grid.png", "models by datasets")
+  assert_png(tmp_path / "grid.png", int(round((4.4 * 2 + 0.4) * 120)), int(3.6 * 2 * 120))
+
+
+def test_reliability_grid_flat(report, tmp_path):
+  plots.reliability_grid({"a": report, "b": report, "c": report}, tmp_path / "flat.png", ncols=2)
+  assert_png(tmp_path / "flat.png", int(4.4 * 2 * 120), int(3.6 * 2 * 120))
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="missing keys"):
+    plots.reliability_diagram({"accuracy": 0.5}, tmp_path / "x.png")
+  with pytest.raises(ValueError, match="at least one"):
+    plots.reliability_grid({}, tmp_path / "x.png")

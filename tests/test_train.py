@@ -1,0 +1,178 @@
+"""End-to-end training: train -> checkpoint -> resume -> export -> score, preemption and NaN stops.
+
+Subprocess runs use `python -m jaxpref.train` exactly as a user would; in-process runs call
+`trainer.train_and_evaluate` (what a notebook does).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import train_helpers as th
+
+pytestmark = pytest.mark.usefixtures("shared_dir")
+
+
+def _tiny_config(**changes):
+  from ml_collections import config_flags  # noqa: F401 - the same loader the CLI uses.
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny", th.TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for flag in th.TINY_OVERRIDES:
+    key, value = flag.removeprefix("--config.").split("=", 1)
+    section, name = key.split(".")
+    config[section][name] = type(config[section][name])(value)
+  for key, value in changes.items():
+    section, name = key.split("__")
+    config[section][name] = value
+  config.lock()
+  return config
+
+
+def test_train_resume_export_score(tmp_path):
+  workdir = tmp_path / "run"
+  first = th.run_train(workdir)
+  losses = th.losses_by_step(workdir)
+  assert sorted(losses) == [1, 2, 3, 4]
+  assert all(np.isfinite(v[0]) for v in losses.values())
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if "loss" in r]
+  for key in ("accuracy", "grad_norm", "learning_rate", "tokens_per_s", "step_time_s",
+              "task_weight/helpful", "task_loss/webgpt"):
+    assert key in train_records[-1], key
+  assert any("eval/helpful/ece_10" in r for r in records)
+  assert (workdir / "config.json").is_file() and (workdir / "model_config.json").is_file()
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) \
+      == [2, 4]
+  assert "Resuming" not in first.stderr
+
+  # Longer run, same workdir: resumes from step 4 and goes on to 6.
+  second = th.run_train(workdir, "--config.train.steps=6")
+  assert "Resuming from the checkpoint of step 4" in second.stderr
+  assert sorted(th.losses_by_step(workdir)) == [1, 2, 3, 4, 5, 6]
+
+  # Export to Hugging Face and score with it through the CLI.
+  hf_dir = tmp_path / "hf"
+  subprocess.run([sys.executable, "-m", "jaxpref.export", f"--workdir={workdir}",
+                  f"--output={hf_dir}"], check=True, env=th.env_with(), cwd=th.REPO,
+                 capture_output=True, text=True)
+  assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
+  data = tmp_path / "in.jsonl"
+  data.write_text(json.dumps({"text": "Human: hi\n\nAssistant: hello"}) + "\n"
+                  + json.dumps({"prompt": "Human: 2+2?\n\nAssistant:",
+                                "responses": [" 4", " 5", " four"]}) + "\n")
+  out = tmp_path / "out.jsonl"
+  proc = subprocess.run([sys.executable, "-m", "jaxpref.score", f"--model={hf_dir}",
+                         f"--data={data}", f"--output={out}", "--max_length=64"],
+                        env=th.env_with(), cwd=th.REPO, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert isinstance(rows[0]["reward"], float)
+  assert len(rows[1]["rewards"]) == 3
+  assert rows[1]["best_index"] == int(np.argmax(rows[1]["rewards"]))
+
+  # The exported model gives transformers the same rewards as jaxpref's checkpoint.
+  torch = pytest.importorskip("torch")
+  import transformers
+
+  from jaxpref.data.tokenize import load_tokenizer
+  from jaxpref.model_source import load_for_inference
+  from jaxpref.scoring import score_fn
+  cfg, params, tokenizer_path, _ = load_for_inference(workdir=str(workdir))
+  tokenizer = load_tokenizer(tokenizer_path)
+  texts = ["Human: hi\n\nAssistant: hello there", "Human: why?\n\nAssistant: because"]
+  enc = tokenizer(texts, padding=True, return_tensors="np")
+  ours, _ = score_fn(cfg, params, enc["input_ids"], enc["attention_mask"])
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(enc["input_ids"]),
+                   attention_mask=torch.tensor(enc["attention_mask"])).logits[:, 0].numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+
+
+def test_kill_9_and_restart_matches_uninterrupted(tmp_path):
+  overrides = ("--config.train.steps=8", "--config.checkpoint.every_steps=2")
+  reference = tmp_path / "reference"
+  th.run_train(reference, *overrides)
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(th.train_command(killed, *overrides), env=th.env_with(), cwd=th.REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  th.wait_for_step(killed, 5, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  th.run_train(killed, *overrides)
+
+  expected = {step: v[0] for step, v in th.losses_by_step(reference).items()}
+  got = th.losses_by_step(killed)
+  assert sorted(got) == sorted(expected) == list(range(1, 9))
+  for step, values in got.items():
+    for value in values:  # Steps logged before the kill and again after the restart.
+      assert value == expected[step], (step, value, expected[step])
+
+  from jaxpref import checkpointing
+  from jaxpref.models import reward_model
+  cfg = checkpointing.read_model_config(reference)
+  abstract = reward_model.abstract_params(cfg)
+  _, params_ref = checkpointing.restore_params(reference, 8, abstract)
+  _, params_killed = checkpointing.restore_params(killed, 8, abstract)
+  for a, b in zip(jax.tree.leaves(params_ref), jax.tree.leaves(params_killed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      th.train_command(workdir, "--config.train.steps=1000", "--config.checkpoint.every_steps=500"),
+      env=th.env_with(), cwd=th.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True)
+  th.wait_for_step(workdir, 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "checkpoint saved" in err
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert steps and 3 <= max(steps) < 500
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  from jaxpref import checkpointing, trainer
+  from jaxpref.models import reward_model
+  config = _tiny_config(train__learning_rate=1e36, train__steps=50, train__grad_clip=0.0,
+                        train__warmup_steps=0, checkpoint__every_steps=1,
+                        checkpoint__async_save=False)
+  workdir = tmp_path / "run"
+  with pytest.raises(trainer.TrainingError, match="became") as info:
+    trainer.train_and_evaluate(config, workdir)
+  assert "\n" not in str(info.value)
+  cfg = checkpointing.read_model_config(workdir)
+  step, params = checkpointing.restore_params(workdir, None, reward_model.abstract_params(cfg))
+  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+  assert str(step) in str(info.value)
+
+
+def test_bad_override_is_one_clear_line(tmp_path):
+  proc = th.run_train(tmp_path / "run", "--config.train.lerning_rate=0.1", check=False)
+  assert proc.returncode != 0
+  assert "lerning_rate" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_bad_data_is_one_clear_line(tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": ["a", "b"], "score": [1.0, 0.0]}\n{"text": ["a"], "score": [1.0\n')
+  proc = th.run_train(tmp_path / "run", f"--config.data.files={bad}", "--config.train.batch_size=1",
+                      check=False)
+  assert proc.returncode == 2
+  assert "bad.jsonl:2" in proc.stderr
+  assert "Traceback" not in proc.stderr
