@@ -23,8 +23,9 @@ def flatten_metrics(metrics: dict[str, Any], task_names: list[str] | tuple[str, 
     if array.ndim == 0:
       flat[name] = float(array)
     elif array.ndim == 1 and task_names and array.shape[0] == len(task_names):
+      base = name.removesuffix("_t")  # `task_loss_t` -> `task_loss/<task>`
       for task, item in zip(task_names, array):
-        flat[f"{name}/{task}"] = float(item)
+        flat[f"{base}/{task}"] = float(item)
     else:
       for index, item in enumerate(array.reshape(-1)):
         flat[f"{name}/{index}"] = float(item)
