@@ -79,3 +79,17 @@ def run_main(program: str, main_fn, argv) -> None:
   except user_error_types() as e:
     print(f"{program}: error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_flags_or_exit(program: str):
+  """An `app.run` flags parser that reports a bad flag or config override in one line."""
+
+  def parser(argv):
+    try:
+      return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+      message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
+      print(f"{program}: error: {message}", file=sys.stderr)
+      sys.exit(2)
+
+  return parser

@@ -166,4 +166,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run_main("jaxpref.eval", main, argv))
+  app.run(lambda argv: cli.run_main("jaxpref.eval", main, argv),
+          flags_parser=cli.parse_flags_or_exit("jaxpref.eval"))

@@ -45,4 +45,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run_main("jaxpref.export", main, argv))
+  app.run(lambda argv: cli.run_main("jaxpref.export", main, argv),
+          flags_parser=cli.parse_flags_or_exit("jaxpref.export"))

@@ -170,4 +170,5 @@ def default_max_length(tokenizer, cfg) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run_main("jaxpref.score", main, argv))
+  app.run(lambda argv: cli.run_main("jaxpref.score", main, argv),
+          flags_parser=cli.parse_flags_or_exit("jaxpref.score"))

@@ -176,8 +176,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       batch = train_data.global_batch(next(pipeline), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
-      loss = float(metrics["loss"])  # One scalar per step: also the NaN guard below.
-      if not math.isfinite(loss):
+      # Two scalars per step, fetched anyway for the progress bar: the NaN guard. Finite gradients
+      # too, so that the parameters a later checkpoint saves are finite.
+      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        loss = loss if not math.isfinite(loss) else grad_norm
         raise TrainingError(
             f"loss became {loss} at step {step}; stopping. The last good checkpoint "
             f"(step {manager.latest_step()}) in {checkpointing.checkpoint_dir(workdir)} is kept; "
@@ -198,7 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
         eval_scalars = evaluator.evaluate(state.params)
         writer.write(step, eval_scalars)
-      checkpointing.save(manager, step, state, pipeline.get_state(), force=step == total_steps)
+      if step % config.checkpoint.every_steps == 0 or step == total_steps:
+        checkpointing.save(manager, step, state, pipeline.get_state(), force=True)
   finally:
     stop.uninstall()
     manager.wait_until_finished()

@@ -1,0 +1,308 @@
+"""Training throughput: jaxpref's jitted train step vs a plain PyTorch loop on the same model.
+
+Both sides train the same Pythia-shaped (GPT-NeoX) reward model from identical weights: a random
+`GPTNeoXForSequenceClassification` is created once in transformers (torch seed), saved with
+`save_pretrained` and loaded by jaxpref with `jaxpref.models.hf_io.load_hf`. Both see the same
+batches, built by jaxpref's training pipeline from the shared helpful / harmless data (length
+buckets, right padding). jaxpref trains on the bucketed batch as is; the PyTorch loop re-pads
+every batch to its longest real row (what a `DataCollatorWithPadding` loop does). Both use fp32,
+AdamW (same hyperparameters) and the loss `-logsigmoid(r_chosen - r_rejected)`, mean over pairs.
+
+Each side runs in its own subprocess so that its peak RSS (`resource.getrusage`) is its own.
+Warm-up steps (jaxpref: one per distinct bucket, so all compilation is excluded and reported
+separately) are not timed. Throughput counts real (non-pad) tokens only.
+
+  .venv/bin/python benchmarks/train_throughput.py --json /tmp/train_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(os.environ.get("JAXPREF_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+TOKENIZER_FILE = SHARED / "data" / "tokenizers" / "gpt2" / "tokenizer.json"
+FILES = {  # task -> (file under data/preferences, read options)
+  "helpful": ("helpful.json", {}),
+  "harmless": ("hh-rlhf/harmless-base-test.jsonl.gz", {"task": "harmless"}),
+}
+PAD_ID = 50257  # Outside GPT-2's ids: the tokenizer appends EOS (50256), and HF pools the last
+# token that is not `pad_token_id`, so the pad id must never be a real token.
+LEARNING_RATE, WEIGHT_DECAY = 1e-5, 0.01
+
+
+def peak_rss_mib() -> float:
+  """Peak resident set size of this process (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_checkpoint(directory: Path, hidden: int, layers: int, max_length: int, seed: int = 0):
+  """A random GPT-NeoX reward model saved in the Hugging Face format (the shared weights)."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  config = transformers.GPTNeoXConfig(
+    vocab_size=50304,  # Pythia's padded GPT-NeoX vocabulary; GPT-2 ids fit in it.
+    hidden_size=hidden,
+    num_hidden_layers=layers,
+    num_attention_heads=max(hidden // 32, 1),
+    intermediate_size=4 * hidden,
+    max_position_embeddings=max(max_length, 2048),
+    rotary_pct=0.25,
+    num_labels=1,
+    pad_token_id=PAD_ID,
+    eos_token_id=PAD_ID,
+  )
+  model = transformers.GPTNeoXForSequenceClassification(config)
+  model.save_pretrained(directory)
+  return directory
+
+
+def make_batches(path: Path, steps: int, batch_size: int, max_length: int, limit: int | None):
+  """`steps` jaxpref pipeline batches from helpful + harmless, saved to one .npz."""
+  from jaxpref.data import build_train_pipeline, load_tokenizer, read_preferences
+
+  prefs = SHARED / "data" / "preferences"
+  tasks = {}
+  for name, (file, options) in FILES.items():
+    items, _ = read_preferences(prefs / file, **options)
+    tasks[name] = items[:limit]
+  tokenizer = load_tokenizer(TOKENIZER_FILE)
+  it = build_train_pipeline(
+    tasks, tokenizer, global_batch_size=batch_size, max_length=max_length, num_steps=steps, seed=0
+  )
+  arrays = {}
+  for i, batch in enumerate(it):
+    for key, value in batch.items():
+      arrays[f"{i}/{key}"] = value
+  np.savez(path, **arrays)
+
+
+def load_batches(path: Path) -> list[dict[str, np.ndarray]]:
+  data = np.load(path)
+  steps = sorted({int(k.split("/")[0]) for k in data.files})
+  keys = ("input_ids", "attention_mask", "scores", "task_ids")
+  return [{k: data[f"{i}/{k}"] for k in keys} for i in steps]
+
+
+def run_jax(checkpoint: Path, batches, warmup: int) -> dict:
+  """Times jaxpref's `train_step` (ranking loss, AdamW) jitted once per bucket shape."""
+  import functools
+
+  import jax
+  import optax
+
+  from jaxpref import objectives, train_state
+  from jaxpref.models import hf_io
+  from jaxpref.train_step import train_step
+
+  cfg, params = hf_io.load_hf(checkpoint)
+  params = jax.device_put(params)
+  optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+  state = train_state.init_state(cfg, optimizer, 2, jax.random.key(0), params=params)
+  step = jax.jit(
+    functools.partial(
+      train_step,
+      model_cfg=cfg,
+      loss_cfg=objectives.LossConfig(kind="ranking"),
+      optimizer=optimizer,
+      schedule=optax.constant_schedule(LEARNING_RATE),
+      num_tasks=2,
+    ),
+    donate_argnums=0,
+  )
+  batches = [jax.device_put(b) for b in batches]
+  # Compile every bucket that the timed batches use, then run the plain warm-up steps.
+  t0 = time.perf_counter()
+  seen = set()
+  for batch in batches:
+    if batch["input_ids"].shape not in seen:
+      seen.add(batch["input_ids"].shape)
+      state, metrics = step(state, batch)
+  jax.block_until_ready(metrics["loss"])
+  compile_s = time.perf_counter() - t0
+  for batch in batches[:warmup]:
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics["loss"])
+  times, losses = [], []
+  for batch in batches:
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))  # Syncs, as a logging loop would.
+    times.append(time.perf_counter() - t0)
+  return {"step_s": times, "losses": losses, "compile_s": compile_s, "buckets": sorted(seen)}
+
+
+def run_torch(checkpoint: Path, batches, warmup: int) -> dict:
+  """Times a plain PyTorch loop: pad to the longest row, forward, loss, backward, AdamW."""
+  import torch
+  import transformers
+  from torch.nn import functional as F
+
+  model = transformers.GPTNeoXForSequenceClassification.from_pretrained(
+    checkpoint, torch_dtype=torch.float32
+  )
+  model.train()
+  model.config.pad_token_id = PAD_ID
+  # transformers' AdamW defaults match optax's (b1 0.9, b2 0.999, eps 1e-8); decay on all weights.
+  optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+  def to_torch(batch):
+    b, n, _ = batch["input_ids"].shape
+    mask = batch["attention_mask"].reshape(b * n, -1)
+    longest = int(mask.sum(-1).max())
+    ids = np.full((b * n, longest), PAD_ID, np.int64)
+    att = np.zeros((b * n, longest), np.int64)
+    for r, row in enumerate(batch["input_ids"].reshape(b * n, -1)):
+      real = row[mask[r] == 1]
+      ids[r, : len(real)], att[r, : len(real)] = real, 1
+    scores = torch.from_numpy(batch["scores"])
+    return torch.from_numpy(ids), torch.from_numpy(att), scores
+
+  def step(batch):
+    ids, att, scores_bn = to_torch(batch)
+    rewards_bn = model(input_ids=ids, attention_mask=att).logits.reshape(scores_bn.shape)
+    first_wins = scores_bn[:, 0] > scores_bn[:, 1]
+    diff_b = torch.where(first_wins, rewards_bn[:, 0] - rewards_bn[:, 1], rewards_bn[:, 1] -
+                         rewards_bn[:, 0])
+    valid_b = (scores_bn[:, 0] != scores_bn[:, 1]) & (scores_bn.min(-1).values >= 0)
+    loss = -(F.logsigmoid(diff_b) * valid_b).sum() / valid_b.sum().clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+  # The same untimed updates as the jax side (one per distinct bucket, then `warmup`), so both
+  # sides' timed losses come from identical parameters and can be compared.
+  seen = set()
+  for batch in batches:
+    if batch["input_ids"].shape not in seen:
+      seen.add(batch["input_ids"].shape)
+      step(batch)
+  for batch in batches[:warmup]:
+    step(batch)
+  times, losses = [], []
+  for batch in batches:
+    t0 = time.perf_counter()
+    losses.append(step(batch))
+    times.append(time.perf_counter() - t0)
+  return {"step_s": times, "losses": losses, "torch_threads": torch.get_num_threads()}
+
+
+def _child(args) -> None:
+  if args._side == "prep":
+    make_checkpoint(args.work / "checkpoint", args.hidden, args.layers, args.max_length)
+    make_batches(args.work / "batches.npz", args.steps, args.batch_size, args.max_length,
+                 limit=200 if args.smoke else None)
+    return
+  batches = load_batches(args.work / "batches.npz")
+  run = run_jax if args._side == "jax" else run_torch
+  result = run(args.work / "checkpoint", batches, args.warmup)
+  result["peak_rss_mib"] = peak_rss_mib()
+  (args.work / f"{args._side}.json").write_text(json.dumps(result))
+
+
+def summarise(side: dict, batches) -> dict:
+  real = sum(int(b["attention_mask"].sum()) for b in batches)
+  total = sum(float(t) for t in side["step_s"])
+  return {
+    "median_step_s": round(statistics.median(side["step_s"]), 4),
+    "total_s": round(total, 3),
+    "real_tokens_per_s": round(real / total, 1),
+    "peak_rss_mib": round(side["peak_rss_mib"], 1),
+    "first_loss": round(side["losses"][0], 5),
+    "last_loss": round(side["losses"][-1], 5),
+  }
+
+
+def result_config(args) -> dict:
+  keys = ("steps", "warmup", "batch_size", "max_length", "hidden", "layers")
+  return {k: getattr(args, k) for k in keys}
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+  parser.add_argument("--batch_size", type=int, default=8, help="preference items (pairs) / step")
+  parser.add_argument("--max_length", type=int, default=512)
+  parser.add_argument("--hidden", type=int, default=128)
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--smoke", action="store_true", help="tiny model, 3 steps (CI)")
+  parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+  parser.add_argument("--_side", choices=("prep", "jax", "torch"), help=argparse.SUPPRESS)
+  parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.smoke and not args._side:
+    args.steps, args.warmup, args.batch_size = 3, 1, 4
+    args.max_length, args.hidden, args.layers = 64, 32, 1
+  if args._side:
+    _child(args)
+    return {}
+  if not TOKENIZER_FILE.is_file():
+    sys.exit(f"shared data not found under {SHARED} (set JAXPREF_SHARED)")
+
+  with tempfile.TemporaryDirectory() as tmp:
+    work = Path(tmp)
+    sides = {}
+    # Linux carries a parent's peak RSS into its children (fork keeps it, exec saves it), so this
+    # process stays light (numpy only) and even the preparation runs in a subprocess.
+    for side in ("prep", "jax", "torch"):
+      cmd = [sys.executable, __file__, "--_side", side, "--work", str(work)]
+      for key, value in result_config(args).items():
+        cmd += [f"--{key}", str(value)]
+      proc = subprocess.run(cmd + ["--smoke"] * args.smoke, capture_output=True, text=True)
+      if proc.returncode:
+        sys.exit(f"{side} step failed:\n{proc.stderr[-3000:]}")
+      if side != "prep":
+        sides[side] = json.loads((work / f"{side}.json").read_text())
+    batches = load_batches(work / "batches.npz")
+
+  real = sum(int(b["attention_mask"].sum()) for b in batches)
+  bucketed = sum(int(b["attention_mask"].size) for b in batches)
+  jax_row, torch_row = summarise(sides["jax"], batches), summarise(sides["torch"], batches)
+  result = {
+    "benchmark": "train_throughput",
+    "argv": sys.argv[1:] if argv is None else argv,
+    "smoke": args.smoke,
+    "config": result_config(args),
+    "real_tokens": real,
+    "real_token_fraction_bucketed": round(real / bucketed, 3),
+    "jax_compile_s": round(sides["jax"]["compile_s"], 2),
+    "jax_buckets": sides["jax"]["buckets"],
+    "torch_threads": sides["torch"]["torch_threads"],
+    "jaxpref": jax_row,
+    "pytorch": torch_row,
+    "ratio_tokens_per_s": round(jax_row["real_tokens_per_s"] / torch_row["real_tokens_per_s"], 3),
+    "max_abs_loss_diff": round(max(abs(a - b) for a, b in zip(sides["jax"]["losses"],
+                                                              sides["torch"]["losses"])), 6),
+    "machine": platform.platform(),
+    "cpus": os.cpu_count(),
+  }
+  print(f"{'side':<8} {'median step s':>14} {'real tok/s':>11} {'peak RSS MiB':>13} "
+        f"{'loss first->last':>20}")
+  for name, row in (("jaxpref", jax_row), ("pytorch", torch_row)):
+    print(f"{name:<8} {row['median_step_s']:>14.4f} {row['real_tokens_per_s']:>11.1f} "
+          f"{row['peak_rss_mib']:>13.1f} {row['first_loss']:>9.4f}->{row['last_loss']:<9.4f}")
+  print(f"ratio jaxpref/pytorch (real tokens/s): {result['ratio_tokens_per_s']}x; jaxpref "
+        f"compile {result['jax_compile_s']} s over buckets {result['jax_buckets']}; real-token "
+        f"fraction of bucketed batches {result['real_token_fraction_bucketed']}")
+  if args.json:
+    args.json.write_text(json.dumps(result, indent=2))
+  return result
+
+
+if __name__ == "__main__":
+  main()
