@@ -175,8 +175,9 @@ def run_torch(checkpoint: Path, batches, warmup: int) -> dict:
     ids, att, scores_bn = to_torch(batch)
     rewards_bn = model(input_ids=ids, attention_mask=att).logits.reshape(scores_bn.shape)
     first_wins = scores_bn[:, 0] > scores_bn[:, 1]
-    diff_b = torch.where(first_wins, rewards_bn[:, 0] - rewards_bn[:, 1], rewards_bn[:, 1] -
-                         rewards_bn[:, 0])
+    diff_b = torch.where(
+      first_wins, rewards_bn[:, 0] - rewards_bn[:, 1], rewards_bn[:, 1] - rewards_bn[:, 0]
+    )
     valid_b = (scores_bn[:, 0] != scores_bn[:, 1]) & (scores_bn.min(-1).values >= 0)
     loss = -(F.logsigmoid(diff_b) * valid_b).sum() / valid_b.sum().clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
@@ -204,8 +205,13 @@ def run_torch(checkpoint: Path, batches, warmup: int) -> dict:
 def _child(args) -> None:
   if args._side == "prep":
     make_checkpoint(args.work / "checkpoint", args.hidden, args.layers, args.max_length)
-    make_batches(args.work / "batches.npz", args.steps, args.batch_size, args.max_length,
-                 limit=200 if args.smoke else None)
+    make_batches(
+      args.work / "batches.npz",
+      args.steps,
+      args.batch_size,
+      args.max_length,
+      limit=200 if args.smoke else None,
+    )
     return
   batches = load_batches(args.work / "batches.npz")
   run = run_jax if args._side == "jax" else run_torch
@@ -286,19 +292,26 @@ def main(argv: list[str] | None = None) -> dict:
     "jaxpref": jax_row,
     "pytorch": torch_row,
     "ratio_tokens_per_s": round(jax_row["real_tokens_per_s"] / torch_row["real_tokens_per_s"], 3),
-    "max_abs_loss_diff": round(max(abs(a - b) for a, b in zip(sides["jax"]["losses"],
-                                                              sides["torch"]["losses"])), 6),
+    "max_abs_loss_diff": round(
+      max(abs(a - b) for a, b in zip(sides["jax"]["losses"], sides["torch"]["losses"])), 6
+    ),
     "machine": platform.platform(),
     "cpus": os.cpu_count(),
   }
-  print(f"{'side':<8} {'median step s':>14} {'real tok/s':>11} {'peak RSS MiB':>13} "
-        f"{'loss first->last':>20}")
+  print(
+    f"{'side':<8} {'median step s':>14} {'real tok/s':>11} {'peak RSS MiB':>13} "
+    f"{'loss first->last':>20}"
+  )
   for name, row in (("jaxpref", jax_row), ("pytorch", torch_row)):
-    print(f"{name:<8} {row['median_step_s']:>14.4f} {row['real_tokens_per_s']:>11.1f} "
-          f"{row['peak_rss_mib']:>13.1f} {row['first_loss']:>9.4f}->{row['last_loss']:<9.4f}")
-  print(f"ratio jaxpref/pytorch (real tokens/s): {result['ratio_tokens_per_s']}x; jaxpref "
-        f"compile {result['jax_compile_s']} s over buckets {result['jax_buckets']}; real-token "
-        f"fraction of bucketed batches {result['real_token_fraction_bucketed']}")
+    print(
+      f"{name:<8} {row['median_step_s']:>14.4f} {row['real_tokens_per_s']:>11.1f} "
+      f"{row['peak_rss_mib']:>13.1f} {row['first_loss']:>9.4f}->{row['last_loss']:<9.4f}"
+    )
+  print(
+    f"ratio jaxpref/pytorch (real tokens/s): {result['ratio_tokens_per_s']}x; jaxpref "
+    f"compile {result['jax_compile_s']} s over buckets {result['jax_buckets']}; real-token "
+    f"fraction of bucketed batches {result['real_token_fraction_bucketed']}"
+  )
   if args.json:
     args.json.write_text(json.dumps(result, indent=2))
   return result

@@ -27,22 +27,28 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
-flags.DEFINE_string("topology", "v4-8", "TPU topology name, e.g. v4-8, v5e-16, v5p-128.")
+flags.DEFINE_string("topology", "v4-8", "TPU topology name, e.g. v4-8, v4-32 or v5e:2x4 (what get_topology_desc accepts).")
 flags.DEFINE_string("chip_config", "default", "Chip config name for get_topology_desc.")
-flags.DEFINE_integer("num_cpu_devices", 0,
-                     "Fallback without libtpu: force this many host CPU devices (0 = as many as "
-                     "the topology has chips, when the name ends in -<chips>, else local devices).")
+flags.DEFINE_integer(
+  "num_cpu_devices",
+  0,
+  "Fallback without libtpu: force this many host CPU devices (0 = as many as "
+  "the name vX-N says, else the local devices).",
+)
 flags.DEFINE_string("json_out", None, "Also write the report as JSON to this file.")
 flags.DEFINE_boolean("force_cpu", False, "Skip the TPU topology even if libtpu is importable.")
 
-LIBTPU_MISSING = ("jaxpref.aot: libtpu is not importable, so no TPU topology can be compiled for; "
-                  "compiling for {n} local CPU devices with the same mesh instead "
-                  "(pip install libtpu for the real TPU plan).")
+LIBTPU_MISSING = (
+  "jaxpref.aot: libtpu is not importable, so no TPU topology can be compiled for; "
+  "compiling for {n} local CPU devices with the same mesh instead "
+  "(pip install libtpu for the real TPU plan)."
+)
 
 
 @dataclass
 class Plan:
   """The numbers of one AOT compilation (bytes are per device unless named `total`)."""
+
   target: str
   num_devices: int
   mesh: dict[str, int]
@@ -65,13 +71,10 @@ def libtpu_available() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
 
-def topology_chips(topology: str) -> int | None:
-  """Chips in a `vX-N` name (v4/v5p names count TensorCores, 2 per chip; v5e/v6e count chips)."""
+def topology_devices(topology: str) -> int | None:
+  """Devices in a `vX-N` name: `get_topology_desc("v4-8")` has 8 (one per TensorCore)."""
   head, _, tail = topology.rpartition("-")
-  if not tail.isdigit():
-    return None
-  n = int(tail)
-  return n // 2 if head in ("v2", "v3", "v4", "v5p") else n
+  return int(tail) if head and tail.isdigit() else None
 
 
 def _nbytes(leaf) -> int:
@@ -85,6 +88,7 @@ def _bytes_per_device(leaf, sharding) -> int:
 
 def _tree_bytes(abstract_tree, shardings_tree) -> tuple[int, int]:
   import jax
+
   leaves = jax.tree.leaves(abstract_tree)
   shardings = jax.tree.leaves(shardings_tree)
   total = sum(_nbytes(x) for x in leaves)
@@ -110,34 +114,49 @@ def plan(config, devices, target: str) -> Plan:
   model_cfg = model_config_from_config(config.model)
   num_tasks = num_tasks_of(config)
   loss_cfg = objectives.LossConfig(
-      kind=config.loss.kind, more_alpha=config.loss.more_alpha,
-      more_normalize=config.loss.more_normalize, margin=config.loss.margin,
-      center_rewards_coef=config.loss.center_rewards_coef)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                            devices=list(devices))
+    kind=config.loss.kind,
+    more_alpha=config.loss.more_alpha,
+    more_normalize=config.loss.more_normalize,
+    margin=config.loss.margin,
+    center_rewards_coef=config.loss.center_rewards_coef,
+  )
+  mesh = sharding.make_mesh(
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=list(devices)
+  )
   # The schedule's length changes no shape; any positive step count compiles the same program.
   optimizer, schedule = train_state.make_optimizer(config.train, max(1, config.train.steps))
   init_fn = functools.partial(train_state.init_state, model_cfg, optimizer, num_tasks)
   abstract_state = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
   state_shardings = train_state.state_shardings(model_cfg, abstract_state, mesh)
   abstract_state_sharded = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-      state_shardings)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_shardings
+  )
 
   b, length = config.train.batch_size, config.data.max_length
-  shapes = {"input_ids": ((b, 2, length), jnp.int32), "attention_mask": ((b, 2, length), jnp.int32),
-            "scores": ((b, 2), jnp.float32), "task_ids": ((b,), jnp.int32)}
+  shapes = {
+    "input_ids": ((b, 2, length), jnp.int32),
+    "attention_mask": ((b, 2, length), jnp.int32),
+    "scores": ((b, 2), jnp.float32),
+    "task_ids": ((b,), jnp.int32),
+  }
   abstract_batch = {
-      name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape))
-      for name, (shape, dtype) in shapes.items()}
+    name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape))
+    for name, (shape, dtype) in shapes.items()
+  }
 
   step_fn = jax.jit(
-      functools.partial(train_step, model_cfg=model_cfg, loss_cfg=loss_cfg, optimizer=optimizer,
-                        schedule=schedule, num_tasks=num_tasks,
-                        grad_accum_steps=config.train.grad_accum_steps),
-      in_shardings=(state_shardings, None),
-      out_shardings=(state_shardings, None),
-      donate_argnums=0,
+    functools.partial(
+      train_step,
+      model_cfg=model_cfg,
+      loss_cfg=loss_cfg,
+      optimizer=optimizer,
+      schedule=schedule,
+      num_tasks=num_tasks,
+      grad_accum_steps=config.train.grad_accum_steps,
+    ),
+    in_shardings=(state_shardings, None),
+    out_shardings=(state_shardings, None),
+    donate_argnums=0,
   )
   compiled = step_fn.lower(abstract_state_sharded, abstract_batch).compile()
   memory = compiled.memory_analysis()
@@ -146,13 +165,20 @@ def plan(config, devices, target: str) -> Plan:
   param_total, param_per_device = _tree_bytes(abstract_state.params, state_shardings.params)
   opt_total, opt_per_device = _tree_bytes(abstract_state.opt_state, state_shardings.opt_state)
   return Plan(
-      target=target, num_devices=len(devices), mesh={k: int(v) for k, v in mesh.shape.items()},
-      param_count=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
-      param_bytes_total=param_total, param_bytes_per_device=param_per_device,
-      opt_state_bytes_total=opt_total, opt_state_bytes_per_device=opt_per_device,
-      temp_bytes=get("temp_size_in_bytes"), argument_bytes=get("argument_size_in_bytes"),
-      output_bytes=get("output_size_in_bytes"), alias_bytes=get("alias_size_in_bytes"),
-      generated_code_bytes=get("generated_code_size_in_bytes"))
+    target=target,
+    num_devices=len(devices),
+    mesh={k: int(v) for k, v in mesh.shape.items()},
+    param_count=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
+    param_bytes_total=param_total,
+    param_bytes_per_device=param_per_device,
+    opt_state_bytes_total=opt_total,
+    opt_state_bytes_per_device=opt_per_device,
+    temp_bytes=get("temp_size_in_bytes"),
+    argument_bytes=get("argument_size_in_bytes"),
+    output_bytes=get("output_size_in_bytes"),
+    alias_bytes=get("alias_size_in_bytes"),
+    generated_code_bytes=get("generated_code_size_in_bytes"),
+  )
 
 
 def _gib(n: int | None) -> str:
@@ -160,15 +186,19 @@ def _gib(n: int | None) -> str:
 
 
 def markdown(p: Plan) -> str:
-  rows = [("target", p.target), ("devices", str(p.num_devices)), ("mesh", str(p.mesh)),
-          ("parameters", f"{p.param_count:,}"),
-          ("params total", _gib(p.param_bytes_total)),
-          ("params / device", _gib(p.param_bytes_per_device)),
-          ("optimizer state / device", _gib(p.opt_state_bytes_per_device)),
-          ("XLA argument / device", _gib(p.argument_bytes)),
-          ("XLA output / device", _gib(p.output_bytes)),
-          ("XLA alias (donated) / device", _gib(p.alias_bytes)),
-          ("XLA temp / device", _gib(p.temp_bytes))]
+  rows = [
+    ("target", p.target),
+    ("devices", str(p.num_devices)),
+    ("mesh", str(p.mesh)),
+    ("parameters", f"{p.param_count:,}"),
+    ("params total", _gib(p.param_bytes_total)),
+    ("params / device", _gib(p.param_bytes_per_device)),
+    ("optimizer state / device", _gib(p.opt_state_bytes_per_device)),
+    ("XLA argument / device", _gib(p.argument_bytes)),
+    ("XLA output / device", _gib(p.output_bytes)),
+    ("XLA alias (donated) / device", _gib(p.alias_bytes)),
+    ("XLA temp / device", _gib(p.temp_bytes)),
+  ]
   return "\n".join(["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
@@ -179,16 +209,20 @@ def main(argv) -> None:
     raise app.UsageError("--config is required")
   use_tpu = libtpu_available() and not FLAGS.force_cpu
   if not use_tpu:
-    n = FLAGS.num_cpu_devices or topology_chips(FLAGS.topology) or 0
+    n = FLAGS.num_cpu_devices or topology_devices(FLAGS.topology) or 0
     if n and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
       # Must be set before jax starts its CPU backend (jax is imported lazily for this reason).
-      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                 + f" --xla_force_host_platform_device_count={n}").strip()
+      os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+      ).strip()
   import jax
+
   if use_tpu:
     from jax.experimental import topologies
-    topology = topologies.get_topology_desc(FLAGS.topology, "tpu",
-                                            chip_config_name=FLAGS.chip_config)
+
+    topology = topologies.get_topology_desc(
+      FLAGS.topology, "tpu", chip_config_name=FLAGS.chip_config
+    )
     devices, target = topology.devices, f"tpu {FLAGS.topology}"
   else:
     devices = jax.devices("cpu")
@@ -206,4 +240,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   from jaxpref import cli
+
   app.run(lambda argv: cli.run_main("jaxpref.aot", main, argv))

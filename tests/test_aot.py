@@ -19,22 +19,40 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def _tiny_overrides() -> list[str]:
   # Small shapes with sizes that 8 divides, so every 2-d weight is split over fsdp.
-  return ["--config.model.vocab_size=512", "--config.model.hidden_size=32",
-          "--config.model.num_layers=2", "--config.model.num_heads=4",
-          "--config.model.intermediate_size=64", "--config.mesh.data=1", "--config.mesh.fsdp=8",
-          "--config.data.max_length=32", "--config.train.batch_size=8"]
+  return [
+    "--config.model.vocab_size=512",
+    "--config.model.hidden_size=32",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=4",
+    "--config.model.intermediate_size=64",
+    "--config.mesh.data=1",
+    "--config.mesh.fsdp=8",
+    "--config.data.max_length=32",
+    "--config.train.batch_size=8",
+  ]
 
 
 @pytest.fixture(scope="module")
 def aot_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("aot") / "plan.json"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-m", "jaxpref.aot", f"--config={REPO_ROOT / 'configs' / 'tiny.py'}",
-       "--topology=v4-8", "--num_cpu_devices=8", f"--json_out={out}",
-       *_tiny_overrides()],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    [
+      sys.executable,
+      "-m",
+      "jaxpref.aot",
+      f"--config={REPO_ROOT / 'configs' / 'tiny.py'}",
+      "--topology=v4-8",
+      "--num_cpu_devices=8",
+      f"--json_out={out}",
+      *_tiny_overrides(),
+    ],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(out.read_text()), proc
 
@@ -42,9 +60,18 @@ def aot_run(tmp_path_factory):
 def _independent_param_count() -> int:
   from jaxpref.models import reward_model
   from jaxpref.models.config import ModelConfig
-  cfg = ModelConfig(arch="gpt_neox", vocab_size=512, hidden_size=32, num_layers=2, num_heads=4,
-                    intermediate_size=64, rotary_pct=0.25, max_position_embeddings=2048,
-                    pooling="last")
+
+  cfg = ModelConfig(
+    arch="gpt_neox",
+    vocab_size=512,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=64,
+    rotary_pct=0.25,
+    max_position_embeddings=2048,
+    pooling="last",
+  )
   abstract = jax.eval_shape(lambda: reward_model.init_params(cfg, jax.random.PRNGKey(0)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
 
@@ -75,7 +102,6 @@ def test_libtpu_absent_says_exactly_one_line(aot_run):
   assert lines[0].startswith("jaxpref.aot: libtpu is not importable")
 
 
-def test_topology_chips():
-  assert aot.topology_chips("v4-8") == 4  # v4 names count TensorCores, two per chip.
-  assert aot.topology_chips("v5e-16") == 16
-  assert aot.topology_chips("v4") is None
+def test_topology_devices():
+  assert aot.topology_devices("v4-8") == 8
+  assert aot.topology_devices("v5e:2x4") is None

@@ -30,7 +30,7 @@ def _base(smoke: bool) -> ml_collections.ConfigDict:
   )
   c.data.tokenizer = str(SHARED / "data" / "tokenizers" / "gpt2" / "tokenizer.json")
   c.data.on_tie = "skip"  # webgpt's tied pairs carry no preference.
-  c.data.max_length = 32 if smoke else 96
+  c.data.max_length = 32 if smoke else 64
   c.data.min_bucket = 32
   c.data.eval_fraction = 0.1
   c.train.batch_size = 12  # 4 items of each of the 3 tasks; single-task runs use 4.

@@ -1,0 +1,1 @@
+"""Experiment sweeps that reproduce the paper's analyses (see `jaxpref.experiments.scaling`)."""

@@ -1,0 +1,64 @@
+"""Every script in benchmarks/ runs with `--smoke --json OUT` and writes the keys it documents."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+# script -> (keys the JSON must have, needs the shared data)
+EXPECTED = {
+  "train_throughput.py": (
+    {"jaxpref", "pytorch", "ratio_tokens_per_s", "real_tokens", "max_abs_loss_diff"},
+    True,
+  ),
+  "scoring_throughput.py": (
+    {"rows", "ratio_vs_transformers_input_order", "max_abs_reward_diff"},
+    True,
+  ),
+  "memory_plan.py": ({"rows", "seq_len", "global_batch"}, False),
+  "more_overhead.py": ({"step_ms_median", "ratio_more_over_multitask"}, False),
+  "calibration_throughput.py": ({"rows", "pairs"}, False),
+  "data_throughput.py": ({"rows", "items_per_task"}, True),
+}
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+
+
+def test_every_script_is_listed():
+  assert set(SCRIPTS) == set(EXPECTED), "add new benchmark scripts to EXPECTED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_smoke(script, tmp_path):
+  keys, needs_data = EXPECTED.get(script, (set(), False))
+  if needs_data and not SHARED_DATA.is_dir():
+    pytest.skip(f"shared data not found at {SHARED_DATA}")
+  out = tmp_path / "out.json"
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert isinstance(result, dict) and result
+  assert keys <= set(result), f"missing keys {keys - set(result)}"
+  if script == "train_throughput.py":
+    # Same weights, batches and updates on both sides: the losses must agree.
+    assert result["max_abs_loss_diff"] < 1e-3
+    assert result["jaxpref"]["real_tokens_per_s"] > 0
+  if script == "scoring_throughput.py":
+    assert result["max_abs_reward_diff"] < 1e-4
+  if script == "memory_plan.py":
+    row = result["rows"][0]
+    assert row["optimizer_per_device"] == 2 * row["params_per_device"]
+    # pythia-1.4b without its LM head is ~1.31B parameters.
+    assert 1.2e9 < row["num_params"] < 1.45e9
