@@ -2,7 +2,8 @@
 
   python -m jaxpref.train --config=configs/paper_llama_2_13b_more.py --workdir=DIR \
       --config.model.path=/local/llama-2-13b --config.data.files=a.jsonl,b.jsonl,...
-See `jaxpref.paper_configs` for the settings; `--config=configs/paper_llama_2_13b_more.py:tiny` runs a tiny CPU variant.
+See `jaxpref.paper_configs` for the settings;
+`--config=configs/paper_llama_2_13b_more.py:tiny` runs a tiny CPU variant.
 """
 
 from jaxpref.paper_configs import paper_config

@@ -34,7 +34,7 @@ flags.DEFINE_string("format", "auto", "Data format (see docs/data.md); auto-dete
 flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
                   "Malformed records: raise (stop naming file:line) or skip them and count them.")
 flags.DEFINE_enum("on_tie", "keep", ["raise", "skip", "keep"],
-                  "Items whose responses all tie (they add no pair): keep (default), skip or raise.")
+                  "Items whose responses all tie (they add no pair): keep, skip or raise.")
 flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap replicates for the 95% intervals (0: none).")
 flags.DEFINE_boolean("fit_temperature", False,
                      "Fit a temperature on a prompt-hash half of the data, report ECE before and "

@@ -1,4 +1,4 @@
-"""`python -m jaxpref.export --workdir=DIR [--step=N] --output=HF_DIR`: a trained RM to transformers.
+"""`python -m jaxpref.export --workdir=DIR [--step=N] --output=HF_DIR`: a trained RM to HF.
 
 Writes a `*ForSequenceClassification` directory (one label) with the run's tokenizer, which
 `transformers.AutoModelForSequenceClassification.from_pretrained(HF_DIR)` loads and which gives the

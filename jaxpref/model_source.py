@@ -1,4 +1,4 @@
-"""Where a reward model comes from: a config's `model.*` fields, an HF dir, or a training workdir."""
+"""Where a reward model comes from: a config's `model.*` fields, an HF dir or a training workdir."""
 
 from __future__ import annotations
 

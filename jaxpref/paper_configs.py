@@ -1,9 +1,9 @@
 """The paper's training runs (Zeng et al., arXiv 2312.07401, Section 5) as configs.
 
 Five preference datasets as five tasks, each resampled to 40,000 training pairs, one epoch, global
-batch of 80 (16 pairs from each dataset), AdamW at lr 1e-6, max length 512, a linear head on the last
-token; MORE with momentum alpha 0.99 and l2 normalisation. Paths point at local copies that the user
-fills in (`--config.model.path=...`, `--config.data.files=...`): nothing is downloaded.
+batch of 80 (16 pairs from each dataset), AdamW at lr 1e-6, max length 512, a linear head on the
+last token; MORE with momentum alpha 0.99 and l2 normalisation. Paths point at local copies that
+the user fills in (`--config.model.path=...`, `--config.data.files=...`): nothing is downloaded.
 
 The `tiny` variant (`--config=configs/<file>.py:tiny`) keeps every setting that does not need the
 real checkpoint or data and runs a few steps of a random-init model on the shared CPU data.

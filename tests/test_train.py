@@ -14,14 +14,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 import train_helpers as th
 
 pytestmark = pytest.mark.usefixtures("shared_dir")
 
 
 def _tiny_config(**changes):
-  from ml_collections import config_flags  # noqa: F401 - the same loader the CLI uses.
   import importlib.util
   spec = importlib.util.spec_from_file_location("tiny", th.TINY)
   module = importlib.util.module_from_spec(spec)
