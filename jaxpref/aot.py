@@ -27,7 +27,11 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
-flags.DEFINE_string("topology", "v4-8", "TPU topology name, e.g. v4-8, v4-32 or v5e:2x4 (what get_topology_desc accepts).")
+flags.DEFINE_string(
+  "topology",
+  "v4-8",
+  "TPU topology name, e.g. v4-8, v4-32 or v5e:2x4 (what get_topology_desc accepts).",
+)
 flags.DEFINE_string("chip_config", "default", "Chip config name for get_topology_desc.")
 flags.DEFINE_integer(
   "num_cpu_devices",

@@ -21,26 +21,30 @@ from absl import app, flags, logging
 from jaxpref import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "A local Hugging Face reward-model dir.")
-flags.DEFINE_string("workdir", None, "A jaxpref training workdir (instead of --model).")
-flags.DEFINE_integer("step", None, "Checkpoint step with --workdir (default: the latest).")
-flags.DEFINE_multi_string("data", [], "Preference data file(s); repeat the flag for several.")
-flags.DEFINE_string("output", None, "Output directory.")
-flags.DEFINE_integer("max_length", 512, "Token length; longer texts are truncated.")
-flags.DEFINE_enum("truncation_side", "left", ["left", "right"],
-                  "Which end of a long text is cut (left keeps the response, as in training).")
-flags.DEFINE_integer("batch_size", 32, "Items per batch.")
-flags.DEFINE_string("format", "auto", "Data format (see docs/data.md); auto-detected by default.")
-flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
-                  "Malformed records: raise (stop naming file:line) or skip them and count them.")
-flags.DEFINE_enum("on_tie", "keep", ["raise", "skip", "keep"],
-                  "Items whose responses all tie (they add no pair): keep, skip or raise.")
-flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap replicates for the 95% intervals (0: none).")
-flags.DEFINE_boolean("fit_temperature", False,
-                     "Fit a temperature on a prompt-hash half of the data, report ECE before and "
-                     "after on the other half, and store it as temperature.json with the model.")
-flags.DEFINE_float("temperature_fraction", 0.5,
-                   "Fraction of items (by prompt hash) used to fit the temperature.")
+
+
+def define_flags() -> None:
+  """Command-line flags; defined only when run as a program, so the module imports cleanly."""
+  flags.DEFINE_string("model", None, "A local Hugging Face reward-model dir.")
+  flags.DEFINE_string("workdir", None, "A jaxpref training workdir (instead of --model).")
+  flags.DEFINE_integer("step", None, "Checkpoint step with --workdir (default: the latest).")
+  flags.DEFINE_multi_string("data", [], "Preference data file(s); repeat the flag for several.")
+  flags.DEFINE_string("output", None, "Output directory.")
+  flags.DEFINE_integer("max_length", 512, "Token length; longer texts are truncated.")
+  flags.DEFINE_enum("truncation_side", "left", ["left", "right"],
+                    "Which end of a long text is cut (left keeps the response, as in training).")
+  flags.DEFINE_integer("batch_size", 32, "Items per batch.")
+  flags.DEFINE_string("format", "auto", "Data format (see docs/data.md); auto-detected by default.")
+  flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
+                    "Malformed records: raise (stop naming file:line) or skip them and count them.")
+  flags.DEFINE_enum("on_tie", "keep", ["raise", "skip", "keep"],
+                    "Items whose responses all tie (they add no pair): keep, skip or raise.")
+  flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap replicates for the 95% intervals (0: none).")
+  flags.DEFINE_boolean("fit_temperature", False,
+                       "Fit a temperature on a prompt-hash half of the data, report ECE before and "
+                       "after on the other half, and store it as temperature.json with the model.")
+  flags.DEFINE_float("temperature_fraction", 0.5,
+                     "Fraction of items (by prompt hash) used to fit the temperature.")
 
 TABLE_COLUMNS = ("accuracy", "n_pairs", "ece_5", "ece_10", "ece_20", "ace_10", "mce_10", "nll",
                  "brier")
@@ -166,5 +170,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(lambda argv: cli.run_main("jaxpref.eval", main, argv),
           flags_parser=cli.parse_flags_or_exit("jaxpref.eval"))

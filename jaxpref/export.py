@@ -18,10 +18,14 @@ from absl import app, flags
 from jaxpref import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A jaxpref training workdir.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_string("output", None, "Directory to write the Hugging Face checkpoint to.")
-flags.mark_flags_as_required(["workdir", "output"])
+
+
+def define_flags() -> None:
+  """Command-line flags; defined only when run as a program, so the module imports cleanly."""
+  flags.DEFINE_string("workdir", None, "A jaxpref training workdir.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("output", None, "Directory to write the Hugging Face checkpoint to.")
+  flags.mark_flags_as_required(["workdir", "output"])
 
 
 def export(workdir: str | Path, output: str | Path, step: int | None = None) -> int:
@@ -45,5 +49,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(lambda argv: cli.run_main("jaxpref.export", main, argv),
           flags_parser=cli.parse_flags_or_exit("jaxpref.export"))

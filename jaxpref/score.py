@@ -24,22 +24,26 @@ from jaxpref import cli
 from jaxpref.data.errors import DataError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "A local Hugging Face reward-model dir (or use --workdir).")
-flags.DEFINE_string("workdir", None, "A jaxpref training workdir (instead of --model).")
-flags.DEFINE_integer("step", None, "Checkpoint step with --workdir (default: the latest).")
-flags.DEFINE_string("data", None, "Input JSON-lines file (.jsonl or .jsonl.gz).")
-flags.DEFINE_string("output", None, "Output JSON-lines file.")
-flags.DEFINE_integer("max_length", None, "Truncation length (default: the tokenizer's "
-                     "model_max_length, capped at the model's max_position_embeddings).")
-flags.DEFINE_integer("batch_size", 16, "Sequences per batch.")
-flags.DEFINE_string("template", "{prompt}{response}",
-                    "How a best-of-n record's prompt and response are joined into one text.")
-flags.DEFINE_boolean("apply_temperature", False,
-                     "Divide rewards by the temperature stored in the model dir / workdir "
-                     "(temperature.json, written by `jaxpref.eval --fit_temperature`).")
-flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
-                  "Malformed records: raise (stop with file:line) or skip them and count them.")
-flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+
+
+def define_flags() -> None:
+  """Command-line flags; defined only when run as a program, so the module imports cleanly."""
+  flags.DEFINE_string("model", None, "A local Hugging Face reward-model dir (or use --workdir).")
+  flags.DEFINE_string("workdir", None, "A jaxpref training workdir (instead of --model).")
+  flags.DEFINE_integer("step", None, "Checkpoint step with --workdir (default: the latest).")
+  flags.DEFINE_string("data", None, "Input JSON-lines file (.jsonl or .jsonl.gz).")
+  flags.DEFINE_string("output", None, "Output JSON-lines file.")
+  flags.DEFINE_integer("max_length", None, "Truncation length (default: the tokenizer's "
+                       "model_max_length, capped at the model's max_position_embeddings).")
+  flags.DEFINE_integer("batch_size", 16, "Sequences per batch.")
+  flags.DEFINE_string("template", "{prompt}{response}",
+                      "How a best-of-n record's prompt and response are joined into one text.")
+  flags.DEFINE_boolean("apply_temperature", False,
+                       "Divide rewards by the temperature stored in the model dir / workdir "
+                       "(temperature.json, written by `jaxpref.eval --fit_temperature`).")
+  flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
+                    "Malformed records: raise (stop with file:line) or skip them and count them.")
+  flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 
 TEMPERATURE_FILE = "temperature.json"
 
@@ -170,5 +174,6 @@ def default_max_length(tokenizer, cfg) -> int:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(lambda argv: cli.run_main("jaxpref.score", main, argv),
           flags_parser=cli.parse_flags_or_exit("jaxpref.score"))
