@@ -62,8 +62,10 @@ def markdown(results: dict[str, Any]) -> str:
   lines = [
     "# Sweep results",
     "",
-    f"{len(rows)} cells ({results['ran']} run now, {results['skipped']} reused), "
-    f"{results['sweep_wall_s']:.0f} s wall. Held-out prompt-hash splits; mean ± sample std over "
+    f"{len(rows)} cells ({results['ran']} run now, {results['skipped']} reused"
+    f"{', ' + str(len(results.get('pending', []))) + ' pending' if results.get('pending') else ''}"
+    f"); this invocation {results['sweep_wall_s']:.0f} s wall, the cells' own train+eval "
+    f"{sum(r['wall_s'] for r in rows):.0f} s. Held-out prompt-hash splits; mean ± sample std over "
     "seeds (n = seeds; no ± means one seed).",
     "",
   ]

@@ -225,15 +225,23 @@ def _row(cell: Cell, workdir: Path) -> dict[str, Any]:
 from jaxpref.experiments.report import write_report  # noqa: E402
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-  """Runs (or resumes) every cell, then writes results.json, results.md and plots."""
+def run_sweep(
+  config: ml_collections.ConfigDict, workdir: str | Path, *, train: bool = True
+) -> dict[str, Any]:
+  """Runs (or resumes) every cell, then writes results.json, results.md and plots.
+
+  With train=False only finished cells are reported (the others are counted as `pending`).
+  """
   root = Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   cells = plan(config)
   start = time.perf_counter()
-  rows, ran, failed = [], 0, []
+  rows, ran, failed, pending = [], 0, [], []
   for k, cell in enumerate(cells):
     done = (root / "cells" / cell.name / "eval_final.json").is_file()
+    if not done and not train:
+      pending.append(cell.name)
+      continue
     print(f"[{k + 1}/{len(cells)}] {cell.name}{' (done, skipped)' if done else ''}", flush=True)
     try:
       rows.append(run_cell(config, cell, root))
@@ -245,7 +253,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[st
   results = {
     "cells": rows,
     "ran": ran,
-    "skipped": len(cells) - ran - len(failed),
+    "skipped": len(cells) - ran - len(failed) - len(pending),
     "failed": failed,
     "sweep_wall_s": time.perf_counter() - start,
     "config": json.loads(config.to_json_best_effort()),
@@ -260,7 +268,7 @@ def main(argv):
   from absl import flags
 
   workdir = flags.FLAGS.workdir
-  results = run_sweep(flags.FLAGS.config, workdir)
+  results = run_sweep(flags.FLAGS.config, workdir, train=not flags.FLAGS.report_only)
   print(
     f"{results['ran']} cells run, {results['skipped']} skipped in "
     f"{results['sweep_wall_s']:.0f} s; results in {workdir}"
@@ -273,5 +281,6 @@ if __name__ == "__main__":
 
   config_flags.DEFINE_config_file("config", None, "Sweep config file (`path[:variant]`).")
   flags.DEFINE_string("workdir", None, "Sweep directory (cells, results, plots).")
+  flags.DEFINE_bool("report_only", False, "Only tabulate and plot the cells already finished.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
