@@ -33,7 +33,6 @@ def test_every_script_is_listed():
   assert set(SCRIPTS) == set(EXPECTED), "add new benchmark scripts to EXPECTED"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_smoke(script, tmp_path):
   keys, needs_data = EXPECTED.get(script, (set(), False))
