@@ -11,7 +11,8 @@ from jaxpref import model_source, objectives, train_state
 from jaxpref.models import reward_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))  # Training configs.
+# Training configs (configs/experiments/ holds sweep configs, tested in test_experiments.py).
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
 
 
 def load_config(path: Path, arg: str | None = None) -> ml_collections.ConfigDict:
