@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -225,4 +224,4 @@ def final_params(result: dict[str, Any]):
   return result["_state"].params
 
 
-__all__ = ["TrainingError", "final_params", "train_and_evaluate", "jnp"]
+__all__ = ["TrainingError", "final_params", "train_and_evaluate"]
