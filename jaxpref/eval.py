@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from absl import app, flags, logging
 
 from jaxpref import cli
@@ -95,10 +94,7 @@ def evaluate_files(cfg, params, tokenizer, data_files: list[str], output: str | 
     summaries[name] = summary
     all_rewards.append(rewards_bn)
     all_scores.append(scores_bn)
-  width = max(r.shape[1] for r in all_rewards)
-  pad = lambda a, v: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=v)
-  reports["all"] = evaluation.report_for(np.concatenate([pad(r, 0.0) for r in all_rewards]),
-                                         np.concatenate([pad(s, -1.0) for s in all_scores]),
+  reports["all"] = evaluation.report_for(*evaluation.concat_padded(all_rewards, all_scores),
                                          n_bootstrap=n_bootstrap, temperature=temperature)
   for name, report in reports.items():
     plots.reliability_diagram(report, output / f"reliability_{name}.png",

@@ -32,6 +32,15 @@ def tokenized_eval_batches(items: Sequence[PreferenceItem], tokenizer, *, batch_
       buckets=tokenize.length_buckets(max_length, min_bucket)))
 
 
+def concat_padded(rewards_list: Sequence[np.ndarray], scores_list: Sequence[np.ndarray]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Stacks [b_k, N_k] rewards/scores into [sum b_k, max N_k], padding scores with -1 (ignored)."""
+  width = max(r.shape[1] for r in rewards_list)
+  pad = lambda a, value: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
+  return (np.concatenate([pad(r, 0.0) for r in rewards_list]).astype(np.float32),
+          np.concatenate([pad(s, -1.0) for s in scores_list]).astype(np.float32))
+
+
 def collect_rewards(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]]
                     ) -> tuple[np.ndarray, np.ndarray]:
   """Rewards and scores of every real item in `batches`, as [num_items, N_max] arrays.
@@ -47,10 +56,7 @@ def collect_rewards(cfg: ModelConfig, params, batches: Sequence[dict[str, np.nda
     scores.append(np.asarray(batch["scores"])[valid_b])
   if not rewards:
     return np.zeros((0, 2), np.float32), np.full((0, 2), -1.0, np.float32)
-  width = max(r.shape[1] for r in rewards)
-  pad = lambda a, value: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
-  return (np.concatenate([pad(r, 0.0) for r in rewards]).astype(np.float32),
-          np.concatenate([pad(s, -1.0) for s in scores]).astype(np.float32))
+  return concat_padded(rewards, scores)
 
 
 def report_for(rewards_bn: np.ndarray, scores_bn: np.ndarray, **kwargs) -> dict[str, Any]:
@@ -89,10 +95,7 @@ class TrainEvaluator:
       all_rewards.append(rewards_bn)
       all_scores.append(scores_bn)
     if all_rewards:
-      width = max(r.shape[1] for r in all_rewards)
-      pad = lambda a, v: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=v)
-      per_task["all"] = report_for(np.concatenate([pad(r, 0.0) for r in all_rewards]),
-                                   np.concatenate([pad(s, -1.0) for s in all_scores]),
+      per_task["all"] = report_for(*concat_padded(all_rewards, all_scores),
                                    n_bootstrap=self.n_bootstrap)
     return per_task
 
