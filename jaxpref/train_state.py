@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxpref import objectives, sharding
 from jaxpref.models import reward_model
@@ -108,10 +108,3 @@ def state_shardings(model_cfg: ModelConfig, abstract_state: TrainState, mesh: Me
 
 def _path_key(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def logical_state_specs(model_cfg: ModelConfig, abstract_state: TrainState) -> dict:
-  """PartitionSpecs (logical names) of the parameters, for reports such as the AOT memory plan."""
-  del abstract_state
-  return jax.tree.map(lambda s: s, reward_model.logical_axes(model_cfg),
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
