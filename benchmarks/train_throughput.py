@@ -12,6 +12,11 @@ Each side runs in its own subprocess so that its peak RSS (`resource.getrusage`)
 Warm-up steps (jaxpref: one per distinct bucket, so all compilation is excluded and reported
 separately) are not timed. Throughput counts real (non-pad) tokens only.
 
+The sides run alternately `--rounds` times and each side's fastest round is reported (all rounds
+are in the JSON, with the load average): on a shared machine other processes slow both sides, and
+PyTorch's spinning OpenMP threads far more than XLA's (a load of ~3 on 2 cores made the PyTorch
+loop 5x slower and jaxpref 1.7x), so single runs under load overstate jaxpref's lead.
+
   .venv/bin/python benchmarks/train_throughput.py --json /tmp/train_throughput.json
 """
 
@@ -70,9 +75,11 @@ def make_checkpoint(directory: Path, hidden: int, layers: int, max_length: int, 
   return directory
 
 
-def make_batches(path: Path, steps: int, batch_size: int, max_length: int, limit: int | None):
+def make_batches(
+  path: Path, steps: int, batch_size: int, max_length: int, limit: int | None, multiple: int
+):
   """`steps` jaxpref pipeline batches from helpful + harmless, saved to one .npz."""
-  from jaxpref.data import build_train_pipeline, load_tokenizer, read_preferences
+  from jaxpref.data import build_train_pipeline, length_buckets, load_tokenizer, read_preferences
 
   prefs = SHARED / "data" / "preferences"
   tasks = {}
@@ -81,7 +88,13 @@ def make_batches(path: Path, steps: int, batch_size: int, max_length: int, limit
     tasks[name] = items[:limit]
   tokenizer = load_tokenizer(TOKENIZER_FILE)
   it = build_train_pipeline(
-    tasks, tokenizer, global_batch_size=batch_size, max_length=max_length, num_steps=steps, seed=0
+    tasks,
+    tokenizer,
+    global_batch_size=batch_size,
+    max_length=max_length,
+    num_steps=steps,
+    seed=0,
+    buckets=length_buckets(max_length, 32, multiple),
   )
   arrays = {}
   for i, batch in enumerate(it):
@@ -97,18 +110,26 @@ def load_batches(path: Path) -> list[dict[str, np.ndarray]]:
   return [{k: data[f"{i}/{k}"] for k in keys} for i in steps]
 
 
-def run_jax(checkpoint: Path, batches, warmup: int) -> dict:
-  """Times jaxpref's `train_step` (ranking loss, AdamW) jitted once per bucket shape."""
+def run_jax(
+  checkpoint: Path, batches, warmup: int, attention: str, max_length: int, packing: bool
+) -> dict:
+  """Times jaxpref's `train_step` (ranking loss, AdamW) jitted once per batch shape.
+
+  With `packing`, each batch is packed on the host inside the timed step (rows of max_length,
+  `jaxpref.data.packing`), as the trainer does with `data.packing=True`.
+  """
   import functools
 
   import jax
   import optax
 
   from jaxpref import objectives, train_state
+  from jaxpref.data import packing as packing_lib
   from jaxpref.models import hf_io
   from jaxpref.train_step import train_step
 
   cfg, params = hf_io.load_hf(checkpoint)
+  cfg = cfg.replace(attention=attention)
   params = jax.device_put(params)
   optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
   state = train_state.init_state(cfg, optimizer, 2, jax.random.key(0), params=params)
@@ -123,26 +144,42 @@ def run_jax(checkpoint: Path, batches, warmup: int) -> dict:
     ),
     donate_argnums=0,
   )
-  batches = [jax.device_put(b) for b in batches]
-  # Compile every bucket that the timed batches use, then run the plain warm-up steps.
+
+  def prepare(batch):
+    if packing:
+      batch = packing_lib.pack_batch(batch, row_length=max_length)
+    return jax.device_put(batch)
+
+  key = "packed_input_ids" if packing else "input_ids"
+  if not packing:
+    batches = [prepare(b) for b in batches]  # Padded batches go to the device untimed.
+  # Compile every shape the timed batches use, on a copy of the state (so that the updates
+  # both sides make before timing are the same `warmup` steps), then warm up.
   t0 = time.perf_counter()
   seen = set()
   for batch in batches:
-    if batch["input_ids"].shape not in seen:
-      seen.add(batch["input_ids"].shape)
-      state, metrics = step(state, batch)
-  jax.block_until_ready(metrics["loss"])
+    batch = prepare(batch)
+    if batch[key].shape not in seen:
+      seen.add(batch[key].shape)
+      jax.block_until_ready(step(jax.tree.map(jax.numpy.copy, state), batch))
   compile_s = time.perf_counter() - t0
   for batch in batches[:warmup]:
-    state, metrics = step(state, batch)
+    state, metrics = step(state, prepare(batch))
   jax.block_until_ready(metrics["loss"])
-  times, losses = [], []
+  times, losses, positions = [], [], 0
   for batch in batches:
     t0 = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = step(state, prepare(batch))
     losses.append(float(metrics["loss"]))  # Syncs, as a logging loop would.
     times.append(time.perf_counter() - t0)
-  return {"step_s": times, "losses": losses, "compile_s": compile_s, "buckets": sorted(seen)}
+    positions += int(metrics["positions"])
+  return {
+    "step_s": times,
+    "losses": losses,
+    "compile_s": compile_s,
+    "shapes": sorted(seen),
+    "positions": positions,
+  }
 
 
 def run_torch(checkpoint: Path, batches, warmup: int) -> dict:
@@ -185,13 +222,8 @@ def run_torch(checkpoint: Path, batches, warmup: int) -> dict:
     optimizer.step()
     return float(loss)
 
-  # The same untimed updates as the jax side (one per distinct bucket, then `warmup`), so both
-  # sides' timed losses come from identical parameters and can be compared.
-  seen = set()
-  for batch in batches:
-    if batch["input_ids"].shape not in seen:
-      seen.add(batch["input_ids"].shape)
-      step(batch)
+  # The same untimed updates as the jax side (`warmup` steps), so both sides' timed losses come
+  # from identical parameters and can be compared.
   for batch in batches[:warmup]:
     step(batch)
   times, losses = [], []
@@ -199,7 +231,20 @@ def run_torch(checkpoint: Path, batches, warmup: int) -> dict:
     t0 = time.perf_counter()
     losses.append(step(batch))
     times.append(time.perf_counter() - t0)
-  return {"step_s": times, "losses": losses, "torch_threads": torch.get_num_threads()}
+  # Positions computed: every row padded to the longest row of its batch.
+  positions = sum(
+    int(b["attention_mask"][..., 0].size * b["attention_mask"].sum(-1).max()) for b in batches
+  )
+  return {
+    "step_s": times,
+    "losses": losses,
+    "positions": positions,
+    "torch_threads": torch.get_num_threads(),
+  }
+
+
+SIDES = ("jax_packed", "jax", "torch")  # Row labels: jaxpref (packed), jaxpref (buckets), PyTorch.
+LABELS = {"jax_packed": "jaxpref packed", "jax": "jaxpref buckets", "torch": "PyTorch"}
 
 
 def _child(args) -> None:
@@ -211,11 +256,16 @@ def _child(args) -> None:
       args.batch_size,
       args.max_length,
       limit=200 if args.smoke else None,
+      multiple=args.bucket_multiple,
     )
     return
   batches = load_batches(args.work / "batches.npz")
-  run = run_jax if args._side == "jax" else run_torch
-  result = run(args.work / "checkpoint", batches, args.warmup)
+  checkpoint = args.work / "checkpoint"
+  if args._side == "torch":
+    result = run_torch(checkpoint, batches, args.warmup)
+  else:
+    packed = args._side == "jax_packed"
+    result = run_jax(checkpoint, batches, args.warmup, args.attention, args.max_length, packed)
   result["peak_rss_mib"] = peak_rss_mib()
   (args.work / f"{args._side}.json").write_text(json.dumps(result))
 
@@ -227,6 +277,8 @@ def summarise(side: dict, batches) -> dict:
     "median_step_s": round(statistics.median(side["step_s"]), 4),
     "total_s": round(total, 3),
     "real_tokens_per_s": round(real / total, 1),
+    "positions": side["positions"],
+    "real_token_fraction": round(real / side["positions"], 3),
     "peak_rss_mib": round(side["peak_rss_mib"], 1),
     "first_loss": round(side["losses"][0], 5),
     "last_loss": round(side["losses"][-1], 5),
@@ -234,7 +286,16 @@ def summarise(side: dict, batches) -> dict:
 
 
 def result_config(args) -> dict:
-  keys = ("steps", "warmup", "batch_size", "max_length", "hidden", "layers")
+  keys = (
+    "steps",
+    "warmup",
+    "batch_size",
+    "max_length",
+    "hidden",
+    "layers",
+    "bucket_multiple",
+    "attention",
+  )
   return {k: getattr(args, k) for k in keys}
 
 
@@ -246,13 +307,21 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--max_length", type=int, default=512)
   parser.add_argument("--hidden", type=int, default=128)
   parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument(
+    "--bucket_multiple",
+    type=int,
+    default=64,
+    help="jaxpref pads batches to multiples of this (data.bucket_multiple); 0 = powers of two",
+  )
+  parser.add_argument("--attention", default="blocked", choices=("blocked", "dense"))
+  parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each side")
   parser.add_argument("--smoke", action="store_true", help="tiny model, 3 steps (CI)")
   parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-  parser.add_argument("--_side", choices=("prep", "jax", "torch"), help=argparse.SUPPRESS)
+  parser.add_argument("--_side", choices=("prep", *SIDES), help=argparse.SUPPRESS)
   parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.smoke and not args._side:
-    args.steps, args.warmup, args.batch_size = 3, 1, 4
+    args.steps, args.warmup, args.batch_size, args.rounds = 3, 1, 4, 1
     args.max_length, args.hidden, args.layers = 64, 32, 1
   if args._side:
     _child(args)
@@ -262,62 +331,66 @@ def main(argv: list[str] | None = None) -> dict:
 
   with tempfile.TemporaryDirectory() as tmp:
     work = Path(tmp)
-    sides = {}
+    rounds = {side: [] for side in SIDES}
     # Linux carries a parent's peak RSS into its children (fork keeps it, exec saves it), so this
     # process stays light (numpy only) and even the preparation runs in a subprocess.
-    for side in ("prep", "jax", "torch"):
+    for side in ("prep",) + SIDES * args.rounds:
       cmd = [sys.executable, __file__, "--_side", side, "--work", str(work)]
       for key, value in result_config(args).items():
         cmd += [f"--{key}", str(value)]
+      load_before = os.getloadavg()[0]
       proc = subprocess.run(cmd + ["--smoke"] * args.smoke, capture_output=True, text=True)
       if proc.returncode:
         sys.exit(f"{side} step failed:\n{proc.stderr[-3000:]}")
       if side != "prep":
-        sides[side] = json.loads((work / f"{side}.json").read_text())
+        run = json.loads((work / f"{side}.json").read_text())
+        run["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        rounds[side].append(run)
     batches = load_batches(work / "batches.npz")
-
-  real = sum(int(b["attention_mask"].sum()) for b in batches)
-  bucketed = sum(int(b["attention_mask"].size) for b in batches)
-  # Positions the PyTorch loop computes: every row padded to the longest row of its batch.
-  longest = sum(
-    int(b["attention_mask"][..., 0].size * b["attention_mask"].sum(-1).max()) for b in batches
-  )
-  jax_row, torch_row = summarise(sides["jax"], batches), summarise(sides["torch"], batches)
+  best = {side: min(runs, key=lambda r: sum(r["step_s"])) for side, runs in rounds.items()}
+  rows = {side: summarise(best[side], batches) for side in SIDES}
+  torch_rate = rows["torch"]["real_tokens_per_s"]
   result = {
     "benchmark": "train_throughput",
     "argv": sys.argv[1:] if argv is None else argv,
     "smoke": args.smoke,
     "config": result_config(args),
-    "real_tokens": real,
-    "real_token_fraction_bucketed": round(real / bucketed, 3),
-    "real_token_fraction_longest": round(real / longest, 3),
-    "jax_compile_s": round(sides["jax"]["compile_s"], 2),
-    "jax_buckets": sides["jax"]["buckets"],
-    "torch_threads": sides["torch"]["torch_threads"],
-    "jaxpref": jax_row,
-    "pytorch": torch_row,
-    "ratio_tokens_per_s": round(jax_row["real_tokens_per_s"] / torch_row["real_tokens_per_s"], 3),
-    "max_abs_loss_diff": round(
-      max(abs(a - b) for a, b in zip(sides["jax"]["losses"], sides["torch"]["losses"])), 6
-    ),
+    "real_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+    "sides": {LABELS[side]: rows[side] for side in SIDES},
+    "ratio_tokens_per_s": {
+      LABELS[side]: round(rows[side]["real_tokens_per_s"] / torch_rate, 3) for side in SIDES
+    },
+    "jax_compile_s": {LABELS[s]: round(best[s]["compile_s"], 2) for s in SIDES if s != "torch"},
+    "jax_shapes": {LABELS[s]: best[s]["shapes"] for s in SIDES if s != "torch"},
+    "torch_threads": best["torch"]["torch_threads"],
+    "rounds": {
+      LABELS[side]: [
+        {"total_s": round(sum(r["step_s"]), 3), "loadavg_1min": r["loadavg_1min"]} for r in runs
+      ]
+      for side, runs in rounds.items()
+    },
+    "max_abs_loss_diff_vs_torch": {
+      LABELS[side]: round(
+        max(abs(a - b) for a, b in zip(best[side]["losses"], best["torch"]["losses"])), 6
+      )
+      for side in SIDES
+      if side != "torch"
+    },
     "machine": platform.platform(),
     "cpus": os.cpu_count(),
   }
   print(
-    f"{'side':<8} {'median step s':>14} {'real tok/s':>11} {'peak RSS MiB':>13} "
-    f"{'loss first->last':>20}"
+    f"{'side':<16} {'median step s':>14} {'real tok/s':>11} {'vs PyTorch':>10} {'real frac':>9} "
+    f"{'peak RSS MiB':>13} {'loss first->last':>20}"
   )
-  for name, row in (("jaxpref", jax_row), ("pytorch", torch_row)):
+  for side in SIDES:
+    row = rows[side]
     print(
-      f"{name:<8} {row['median_step_s']:>14.4f} {row['real_tokens_per_s']:>11.1f} "
+      f"{LABELS[side]:<16} {row['median_step_s']:>14.4f} {row['real_tokens_per_s']:>11.1f} "
+      f"{row['real_tokens_per_s'] / torch_rate:>9.2f}x {row['real_token_fraction']:>9.3f} "
       f"{row['peak_rss_mib']:>13.1f} {row['first_loss']:>9.4f}->{row['last_loss']:<9.4f}"
     )
-  print(
-    f"ratio jaxpref/pytorch (real tokens/s): {result['ratio_tokens_per_s']}x; jaxpref "
-    f"compile {result['jax_compile_s']} s over buckets {result['jax_buckets']}; real-token "
-    f"fraction {result['real_token_fraction_bucketed']} (jaxpref buckets) vs "
-    f"{result['real_token_fraction_longest']} (PyTorch, pad to longest)"
-  )
+  print(f"jaxpref compile s {result['jax_compile_s']}; shapes {result['jax_shapes']}")
   if args.json:
     args.json.write_text(json.dumps(result, indent=2))
   return result

@@ -13,7 +13,7 @@ from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
 
 # Fields a user may change on top of a checkpoint or preset.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_block")
 
 
 def model_config_from_config(model: ml_collections.ConfigDict) -> ModelConfig:

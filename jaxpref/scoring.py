@@ -44,6 +44,27 @@ def score_fn(cfg: ModelConfig, params, input_ids_bnl: jax.Array,
   return rewards_bn, pooled_bnd
 
 
+def score_batch(cfg: ModelConfig, params, batch: dict[str, jax.Array]
+                ) -> tuple[jax.Array, jax.Array]:
+  """`score_fn` on a training batch, padded ([B, N, L]) or packed (`jaxpref.data.packing`)."""
+  if "packed_input_ids" not in batch:
+    return score_fn(cfg, params, batch["input_ids"], batch["attention_mask"])
+  b, n = batch["scores"].shape
+  segment_ids_rl = batch["packed_segment_ids"]
+  outputs = reward_model.apply(
+      cfg, params, batch["packed_input_ids"], (segment_ids_rl > 0).astype(jnp.int32),
+      packed={"segment_ids": segment_ids_rl, "positions": batch["packed_positions"],
+              "last_index": batch["packed_last_index"]})
+  return outputs["rewards"].reshape(b, n), outputs["pooled"].reshape(b, n, -1)
+
+
+def batch_tokens(batch: dict[str, jax.Array]) -> tuple[jax.Array, int]:
+  """(real tokens, positions computed) of a padded or packed batch."""
+  if "packed_segment_ids" in batch:
+    return (batch["packed_segment_ids"] > 0).sum(), batch["packed_segment_ids"].size
+  return batch["attention_mask"].sum(), batch["attention_mask"].size
+
+
 @functools.lru_cache(maxsize=32)
 def compiled_score_fn(cfg: ModelConfig):
   """`score_fn` jitted for one config; jax caches one executable per input shape and sharding."""

@@ -23,8 +23,7 @@ Batch = dict[str, jax.Array]
 
 def _loss_fn(params, objective_state, batch: Batch, *, model_cfg: ModelConfig,
              loss_cfg: objectives.LossConfig, num_tasks: int):
-  rewards_bn, pooled_bnd = scoring.score_fn(model_cfg, params, batch["input_ids"],
-                                            batch["attention_mask"])
+  rewards_bn, pooled_bnd = scoring.score_batch(model_cfg, params, batch)
   loss, (new_objective_state, metrics) = objectives.objective_loss(
       loss_cfg, objective_state, rewards_bn, batch["scores"], batch["task_ids"], pooled_bnd,
       num_tasks=num_tasks)
@@ -46,6 +45,9 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig,
   grad_fn = jax.value_and_grad(
       functools.partial(_loss_fn, model_cfg=model_cfg, loss_cfg=loss_cfg, num_tasks=num_tasks),
       has_aux=True)
+  if grad_accum_steps > 1 and "packed_input_ids" in batch:
+    raise ValueError("data.packing does not support train.grad_accum_steps > 1 (packed rows do "
+                     "not split into micro-batches of whole items); use one or the other")
   if grad_accum_steps == 1:
     (loss, (objective_state, metrics)), grads = grad_fn(state.params, state.objective, batch)
   else:
@@ -73,5 +75,8 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig,
   metrics["loss"] = loss
   metrics["grad_norm"] = optax.global_norm(grads)
   metrics["learning_rate"] = schedule(state.step)
-  metrics["tokens"] = batch["attention_mask"].sum()
+  # Real tokens and the positions computed for them (padding included): their ratio is the
+  # bucketing / packing efficiency.
+  metrics["tokens"], positions = scoring.batch_tokens(batch)
+  metrics["positions"] = jnp.asarray(positions, jnp.float32)
   return new_state, metrics

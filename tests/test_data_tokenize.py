@@ -40,6 +40,10 @@ def test_length_buckets():
   assert length_buckets(512) == (32, 64, 128, 256, 512)
   assert length_buckets(300, min_bucket=64) == (64, 128, 256, 300)
   assert length_buckets(16) == (16,)
+  assert length_buckets(256, min_bucket=32, multiple=64) == (32, 64, 128, 192, 256)
+  assert length_buckets(300, min_bucket=40, multiple=64) == (40, 64, 128, 192, 256, 300)
+  with pytest.raises(ValueError, match="multiple=-1"):
+    length_buckets(64, multiple=-1)
   assert [bucket_length(n, (32, 64, 100)) for n in (1, 32, 33, 100)] == [32, 32, 64, 100]
   with pytest.raises(ValueError):
     bucket_length(101, (32, 64, 100))

@@ -116,6 +116,40 @@ def test_remat_grads_match_and_padded_response_is_finite(model):
     np.testing.assert_allclose(plain, remat, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("left", [False, True])
+def test_blocked_attention_equals_dense(model, left):
+  """Query blocks (7 rows: several, the last one short) vs one dense attention, values and grads."""
+  cfg, params = model
+  cfg = cfg.replace(max_position_embeddings=32)
+  ids, mask = _batch([24, 9, 1, 0, 17], 24, left=left, seed=3)
+
+  def loss(c, p):
+    out = rm.apply(c, p, ids, mask, output_hidden_states=True)
+    return jnp.sum(out["rewards"] * jnp.arange(1.0, 6.0)), out
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0)
+  (value, dense), dense_grads = grad_fn(cfg.replace(attention="dense"), params)
+  (blocked_value, blocked), blocked_grads = grad_fn(
+    cfg.replace(attention="blocked", attention_block=7), params
+  )
+  assert np.isfinite(value) and float(blocked_value) == pytest.approx(float(value), abs=1e-5)
+  real = np.asarray(mask, bool)[None, :, :, None]
+  np.testing.assert_allclose(
+    np.where(real, blocked["hidden_states"], 0), np.where(real, dense["hidden_states"], 0),
+    atol=1e-5, rtol=1e-5,
+  )
+  for d, b in zip(jax.tree.leaves(dense_grads), jax.tree.leaves(blocked_grads)):
+    assert np.isfinite(b).all()
+    np.testing.assert_allclose(b, d, atol=2e-5, rtol=1e-4)
+
+
+def test_bad_attention_settings_name_the_field():
+  with pytest.raises(ValueError, match="model.attention='flash'"):
+    CONFIGS["llama"].replace(attention="flash")
+  with pytest.raises(ValueError, match="model.attention_block=0"):
+    CONFIGS["llama"].replace(attention_block=0)
+
+
 def test_bfloat16_close_to_float32(model):
   cfg, params = model
   ids, mask = _batch([8, 3, 5, 1], 8, left=False)

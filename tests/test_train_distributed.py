@@ -8,15 +8,22 @@ import train_helpers as th
 pytestmark = pytest.mark.usefixtures("shared_dir")
 
 # 12 items = 4 per task: divisible by data x fsdp = 4 and by 2 processes x 3 tasks.
+# 256 tokens leave room for padding, which packing removes.
 OVERRIDES = ("--config.train.batch_size=12", "--config.train.steps=3",
-             "--config.checkpoint.every_steps=3", "--config.eval.final=False")
+             "--config.checkpoint.every_steps=3", "--config.eval.final=False",
+             "--config.data.max_length=256")
 
 
 @pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory):
+def reference_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("one_device")
   th.run_train(workdir, *OVERRIDES, "--config.mesh.data=1")
-  return {step: v[0] for step, v in th.losses_by_step(workdir).items()}
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference_losses(reference_run):
+  return {step: v[0] for step, v in th.losses_by_step(reference_run).items()}
 
 
 def _assert_close(losses, reference):
@@ -36,3 +43,34 @@ def test_two_processes_match_one_device(tmp_path, reference_losses):
   results = th.run_train_multiprocess(tmp_path, *OVERRIDES, "--config.mesh.data=-1")
   assert "process 1 of 2" in results[1].stderr or "process 1 of 2" in results[0].stderr
   _assert_close(th.losses_by_step(tmp_path), reference_losses)
+
+
+# Packing moves the responses into rows of max_length tokens; the losses stay those of the padded
+# run (to float rounding: the pooled states come out of a different contraction).
+PACKED = ("--config.data.packing=True",)
+
+
+def _positions(workdir):
+  return th.metric_by_step(workdir, "positions")
+
+
+def test_packed_on_8_devices_matches_padded_one_device(tmp_path, reference_run, reference_losses):
+  th.run_train(tmp_path, *OVERRIDES, *PACKED, "--config.mesh.data=2", "--config.mesh.fsdp=2",
+               "--config.mesh.tensor=2", devices=8)
+  # Fewer positions computed than padded, in a multiple of data x fsdp = 4 rows of 256 tokens.
+  packed, padded = _positions(tmp_path), _positions(reference_run)
+  assert len(packed) == len(padded) == 3 and sum(packed) < sum(padded), (packed, padded)
+  assert all(p <= q and p % (4 * 256) == 0 for p, q in zip(packed, padded)), (packed, padded)
+  losses = th.losses_by_step(tmp_path)
+  assert sorted(losses) == [1, 2, 3]
+  for step, values in losses.items():
+    np.testing.assert_allclose(values[0], reference_losses[step], rtol=1e-4, err_msg=f"{step}")
+
+
+@pytest.mark.multiprocess
+def test_packed_two_processes_match_padded_one_device(tmp_path, reference_losses):
+  th.run_train_multiprocess(tmp_path, *OVERRIDES, *PACKED, "--config.mesh.data=-1")
+  losses = th.losses_by_step(tmp_path)
+  assert sorted(losses) == [1, 2, 3]
+  for step, values in losses.items():
+    np.testing.assert_allclose(values[0], reference_losses[step], rtol=1e-4, err_msg=f"{step}")

@@ -89,6 +89,16 @@ def losses_by_step(workdir: Path) -> dict[int, list[float]]:
   return out
 
 
+def metric_by_step(workdir: Path, name: str) -> list[float]:
+  """A logged training metric, in step order (first value of each step)."""
+  out: dict[int, float] = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if name in record:
+      out.setdefault(record["step"], record[name])
+  return [out[k] for k in sorted(out)]
+
+
 def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
   """Blocks until metrics.jsonl has logged `step` (or the process ended / time ran out)."""
   deadline = time.time() + timeout

@@ -72,13 +72,21 @@ class TokenizeOptions:
     return self.buckets or length_buckets(self.max_length)
 
 
-def length_buckets(max_length: int, min_bucket: int = 32) -> tuple[int, ...]:
-  """Powers of two from `min_bucket` below `max_length`, then `max_length` itself."""
+def length_buckets(max_length: int, min_bucket: int = 32, multiple: int = 0) -> tuple[int, ...]:
+  """Padded lengths a batch may take, ending at `max_length`.
+
+  With `multiple=0`, powers of two from `min_bucket` (few shapes, so few compilations, but up to
+  half of a batch can be padding). With `multiple=m`, `min_bucket` and then every multiple of m
+  above it: a batch pads to less than m past its longest row, at the price of up to
+  `max_length / m` compiled shapes.
+  """
+  if min_bucket < 1 or multiple < 0:
+    raise ValueError(f"min_bucket={min_bucket} must be >= 1 and multiple={multiple} >= 0")
   buckets = []
   b = min_bucket
   while b < max_length:
     buckets.append(b)
-    b *= 2
+    b = (b // multiple + 1) * multiple if multiple else b * 2
   return (*buckets, max_length)
 
 

@@ -42,9 +42,7 @@ class GPTNeoXAttention(nn.Module):
     )(x_bld)
     query_blhd = rope.apply_rotary(qkv_blhtd[..., 0, :], cos_blr, sin_blr)
     key_blhd = rope.apply_rotary(qkv_blhtd[..., 1, :], cos_blr, sin_blr)
-    out_blhd = jax.nn.dot_product_attention(
-      query_blhd, key_blhd, qkv_blhtd[..., 2, :], mask=mask_b1ll
-    )
+    out_blhd = layers.causal_attention(cfg, query_blhd, key_blhd, qkv_blhtd[..., 2, :], mask_b1ll)
     return layers.dense(
       cfg,
       cfg.hidden_size,
@@ -107,11 +105,15 @@ class GPTNeoX(nn.Module):
     attention_mask_bl: jax.Array,
     *,
     output_hidden_states: bool = False,
+    segment_ids_bl: jax.Array | None = None,
+    positions_bl: jax.Array | None = None,
   ):
     cfg = self.cfg
     embedded_bld = layers.embed(cfg, cfg.vocab_size, "embed_in")(input_ids_bl)
-    cos_blr, sin_blr = rope.rotary_angles(cfg, layers.positions_from_mask(attention_mask_bl))
-    mask_b1ll = layers.causal_padding_mask(attention_mask_bl)
+    positions_bl, mask_b1ll = layers.decoder_positions_and_mask(
+      attention_mask_bl, segment_ids_bl, positions_bl
+    )
+    cos_blr, sin_blr = rope.rotary_angles(cfg, positions_bl)
     stack = layers.scan_layers(GPTNeoXLayer, cfg, num_broadcast=3, emit_hidden=output_hidden_states)
     last_bld, per_layer = stack(embedded_bld, mask_b1ll, cos_blr, sin_blr)
     hidden_bld = layers.layer_norm(cfg, "final_layer_norm")(last_bld)

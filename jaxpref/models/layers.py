@@ -124,6 +124,54 @@ def causal_padding_mask(attention_mask_bl: jax.Array) -> jax.Array:
   return causal_ll[None, None] & (attention_mask_bl > 0)[:, None, None, :]
 
 
+def causal_segment_mask(segment_ids_bl: jax.Array) -> jax.Array:
+  """[B, 1, L, L] for packed rows: query i sees key j iff j <= i and both are in its segment.
+
+  Segments are numbered from 1 within a row; 0 marks unused slots, which see nothing.
+  """
+  length = segment_ids_bl.shape[-1]
+  causal_ll = jnp.tril(jnp.ones((length, length), dtype=bool))
+  same_bll = segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]
+  return causal_ll[None, None] & (same_bll & (segment_ids_bl > 0)[:, None, :])[:, None]
+
+
+def decoder_positions_and_mask(attention_mask_bl: jax.Array, segment_ids_bl: jax.Array | None,
+                               positions_bl: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Position ids and the [B, 1, L, L] attention mask of padded or packed (segmented) rows."""
+  if segment_ids_bl is None:
+    return positions_from_mask(attention_mask_bl), causal_padding_mask(attention_mask_bl)
+  if positions_bl is None:
+    raise ValueError("packed rows (segment ids) need their positions too")
+  return positions_bl, causal_segment_mask(segment_ids_bl)
+
+
+def causal_attention(cfg: ModelConfig, query_blhd: jax.Array, key_blkd: jax.Array,
+                     value_blkd: jax.Array, mask_b1ll: jax.Array) -> jax.Array:
+  """Causal self-attention [B, L, H, D] under `mask_b1ll`, dense or in query blocks.
+
+  `cfg.attention == "blocked"` computes query rows [s, e) against keys [0, e) only: the blocks
+  above the diagonal are all masked, so skipping them changes nothing but the work. Each block is
+  rematerialised, so the backward pass keeps q, k, v instead of every layer's [B, H, L, L]
+  probabilities (on CPU, writing and re-reading those was most of the step time). Key/value heads
+  may be fewer than query heads (grouped-query attention), as `jax.nn.dot_product_attention`
+  allows.
+  """
+  length, block = query_blhd.shape[1], cfg.attention_block
+  if cfg.attention == "dense" or length <= block:
+    return jax.nn.dot_product_attention(query_blhd, key_blkd, value_blkd, mask=mask_b1ll)
+
+  @jax.checkpoint
+  def block_attention(q_bqhd, k_bkhd, v_bkhd, mask_b1qk):
+    return jax.nn.dot_product_attention(q_bqhd, k_bkhd, v_bkhd, mask=mask_b1qk)
+
+  out_blocks = []
+  for start in range(0, length, block):
+    end = min(start + block, length)
+    out_blocks.append(block_attention(query_blhd[:, start:end], key_blkd[:, :end],
+                                      value_blkd[:, :end], mask_b1ll[:, :, start:end, :end]))
+  return jnp.concatenate(out_blocks, axis=1)
+
+
 def scan_layers(layer_cls: type[nn.Module], cfg: ModelConfig, *, num_broadcast: int,
                 name: str = "layers", **layer_kwargs) -> nn.Module:
   """`cfg.num_layers` copies of `layer_cls` stacked with `nn.scan` (rematerialised if `cfg.remat`).

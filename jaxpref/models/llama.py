@@ -44,8 +44,8 @@ class LlamaAttention(nn.Module):
     )(x_bld)
     query_blhd = rope.apply_rotary(query_blhd, cos_blr, sin_blr)
     key_blkd = rope.apply_rotary(key_blkd, cos_blr, sin_blr)
-    # dot_product_attention groups query heads onto kv heads the way `repeat_kv` does.
-    out_blhd = jax.nn.dot_product_attention(query_blhd, key_blkd, value_blkd, mask=mask_b1ll)
+    # Query heads are grouped onto kv heads the way `repeat_kv` does.
+    out_blhd = layers.causal_attention(cfg, query_blhd, key_blkd, value_blkd, mask_b1ll)
     return layers.dense(
       cfg,
       cfg.hidden_size,
@@ -106,11 +106,15 @@ class Llama(nn.Module):
     attention_mask_bl: jax.Array,
     *,
     output_hidden_states: bool = False,
+    segment_ids_bl: jax.Array | None = None,
+    positions_bl: jax.Array | None = None,
   ):
     cfg = self.cfg
     embedded_bld = layers.embed(cfg, cfg.vocab_size, "embed_tokens")(input_ids_bl)
-    cos_blr, sin_blr = rope.rotary_angles(cfg, layers.positions_from_mask(attention_mask_bl))
-    mask_b1ll = layers.causal_padding_mask(attention_mask_bl)
+    positions_bl, mask_b1ll = layers.decoder_positions_and_mask(
+      attention_mask_bl, segment_ids_bl, positions_bl
+    )
+    cos_blr, sin_blr = rope.rotary_angles(cfg, positions_bl)
     stack = layers.scan_layers(LlamaLayer, cfg, num_broadcast=3, emit_hidden=output_hidden_states)
     last_bld, per_layer = stack(embedded_bld, mask_b1ll, cos_blr, sin_blr)
     hidden_bld = layers.RMSNorm(cfg, name="norm")(last_bld)

@@ -92,6 +92,25 @@ def pool(hidden_bld: jax.Array, attention_mask_bl: jax.Array, input_ids_bl: jax.
   raise ValueError(f"unknown pooling {pooling!r}")
 
 
+def check_packable(cfg: ModelConfig) -> None:
+  """Packed rows need a causal decoder (segments must not see later ones) and `last` pooling."""
+  if cfg.arch == "bert" or cfg.pooling != "last":
+    raise ValueError(
+        f"data.packing needs a decoder with last-token pooling; model.arch={cfg.arch!r}, "
+        f"model.pooling={cfg.pooling!r}")
+
+
+def gather_flat(hidden_rld: jax.Array, flat_index_s: jax.Array) -> jax.Array:
+  """Rows `flat_index_s` (row * L + column; -1 gives zeros) of the flattened [R * L, D] states.
+
+  A one-hot contraction rather than a gather: with rows sharded over devices it is a local
+  product and an all-reduce of [S, D], where a gather would collect every row first.
+  """
+  r, length, _ = hidden_rld.shape
+  onehot_srl = (flat_index_s[:, None] == jnp.arange(r * length)[None]).reshape(-1, r, length)
+  return jnp.einsum("srl,rld->sd", onehot_srl.astype(hidden_rld.dtype), hidden_rld)
+
+
 class RewardModel(nn.Module):
   """Backbone -> pooling -> linear head with one output (no bias unless `cfg.head_bias`)."""
 
@@ -99,12 +118,21 @@ class RewardModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
-               output_hidden_states: bool = False) -> dict[str, Any]:
+               output_hidden_states: bool = False,
+               packed: dict[str, jax.Array] | None = None) -> dict[str, Any]:
     cfg = self.cfg
     backbone = backbone_class(cfg.arch)(cfg=cfg, name="backbone")
-    hidden_bld, hidden_states = backbone(
-        input_ids_bl, attention_mask_bl, output_hidden_states=output_hidden_states)
-    pooled_bd = pool(hidden_bld, attention_mask_bl, input_ids_bl, cfg.pooling, cfg.eos_token_id)
+    if packed is None:
+      hidden_bld, hidden_states = backbone(
+          input_ids_bl, attention_mask_bl, output_hidden_states=output_hidden_states)
+      pooled_bd = pool(hidden_bld, attention_mask_bl, input_ids_bl, cfg.pooling,
+                       cfg.eos_token_id)
+    else:
+      check_packable(cfg)
+      hidden_rld, hidden_states = backbone(
+          input_ids_bl, attention_mask_bl, output_hidden_states=output_hidden_states,
+          segment_ids_bl=packed["segment_ids"], positions_bl=packed["positions"])
+      pooled_bd = gather_flat(hidden_rld, packed["last_index"])
     if cfg.pooling == "pooler":
       pooled_bd = jnp.tanh(layers.dense(cfg, cfg.hidden_size, ("embed", "mlp"), use_bias=True,
                                         name="pooler")(pooled_bd))
@@ -148,11 +176,17 @@ def logical_axes(cfg: ModelConfig) -> dict:
 
 
 def apply(cfg: ModelConfig, params: dict, input_ids_bl: jax.Array, attention_mask_bl: jax.Array,
-          *, output_hidden_states: bool = False) -> dict[str, Any]:
+          *, output_hidden_states: bool = False,
+          packed: dict[str, jax.Array] | None = None) -> dict[str, Any]:
   """Runs the reward model. Returns `rewards` [B] (float32), `pooled` [B, D] and, if asked,
-  `hidden_states` [num_layers + 1, B, L, D]."""
+  `hidden_states` [num_layers + 1, B, L, D].
+
+  With `packed` ({"segment_ids", "positions" [R, L], "last_index" [S]}, see
+  `jaxpref.data.packing`), the inputs are packed rows [R, L] and the outputs are per sequence:
+  `rewards` [S], `pooled` [S, D]; `hidden_states` stays per row.
+  """
   return RewardModel(cfg).apply({"params": params}, input_ids_bl, attention_mask_bl,
-                                output_hidden_states=output_hidden_states)
+                                output_hidden_states=output_hidden_states, packed=packed)
 
 
 def count_params(params: Any) -> int:
