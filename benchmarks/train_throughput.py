@@ -123,7 +123,7 @@ def run_jax(
   import jax
   import optax
 
-  from jaxpref import objectives, train_state
+  from jaxpref import flops, objectives, train_state
   from jaxpref.data import packing as packing_lib
   from jaxpref.models import hf_io
   from jaxpref.train_step import train_step
@@ -173,12 +173,17 @@ def run_jax(
     losses.append(float(metrics["loss"]))  # Syncs, as a logging loop would.
     times.append(time.perf_counter() - t0)
     positions += int(metrics["positions"])
+  lengths = [int(n) for b in batches for n in np.asarray(b["attention_mask"]).sum(-1).ravel()]
   return {
     "step_s": times,
     "losses": losses,
     "compile_s": compile_s,
     "shapes": sorted(seen),
     "positions": positions,
+    # Model FLOPs of the timed steps (`jaxpref.flops`: real tokens only, causal attention).
+    "model_flops": flops.train_flops(cfg, lengths),
+    "device_kind": jax.devices()[0].device_kind,
+    "peak_flops": flops.peak_flops(jax.devices()[0].device_kind),
   }
 
 
@@ -270,13 +275,16 @@ def _child(args) -> None:
   (args.work / f"{args._side}.json").write_text(json.dumps(result))
 
 
-def summarise(side: dict, batches) -> dict:
+def summarise(side: dict, batches, model_flops: float, peak_flops: float | None) -> dict:
   real = sum(int(b["attention_mask"].sum()) for b in batches)
   total = sum(float(t) for t in side["step_s"])
   return {
     "median_step_s": round(statistics.median(side["step_s"]), 4),
     "total_s": round(total, 3),
     "real_tokens_per_s": round(real / total, 1),
+    "model_gflops_per_s": round(model_flops / total / 1e9, 2),
+    # Only where the device's peak is known (accelerators); the same model FLOPs on every side.
+    "mfu": round(model_flops / total / peak_flops, 4) if peak_flops else None,
     "positions": side["positions"],
     "real_token_fraction": round(real / side["positions"], 3),
     "peak_rss_mib": round(side["peak_rss_mib"], 1),
@@ -348,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
         rounds[side].append(run)
     batches = load_batches(work / "batches.npz")
   best = {side: min(runs, key=lambda r: sum(r["step_s"])) for side, runs in rounds.items()}
-  rows = {side: summarise(best[side], batches) for side in SIDES}
+  model_flops, peak = best["jax"]["model_flops"], best["jax"]["peak_flops"]
+  rows = {side: summarise(best[side], batches, model_flops, peak) for side in SIDES}
   torch_rate = rows["torch"]["real_tokens_per_s"]
   result = {
     "benchmark": "train_throughput",
@@ -363,6 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
     "jax_compile_s": {LABELS[s]: round(best[s]["compile_s"], 2) for s in SIDES if s != "torch"},
     "jax_shapes": {LABELS[s]: best[s]["shapes"] for s in SIDES if s != "torch"},
     "torch_threads": best["torch"]["torch_threads"],
+    "model_flops": model_flops,
+    "device_kind": best["jax"]["device_kind"],
     "rounds": {
       LABELS[side]: [
         {"total_s": round(sum(r["step_s"]), 3), "loadavg_1min": r["loadavg_1min"]} for r in runs
@@ -381,13 +392,14 @@ def main(argv: list[str] | None = None) -> dict:
   }
   print(
     f"{'side':<16} {'median step s':>14} {'real tok/s':>11} {'vs PyTorch':>10} {'real frac':>9} "
-    f"{'peak RSS MiB':>13} {'loss first->last':>20}"
+    f"{'GFLOP/s':>8} {'MFU':>6} {'peak RSS MiB':>13} {'loss first->last':>20}"
   )
   for side in SIDES:
     row = rows[side]
     print(
       f"{LABELS[side]:<16} {row['median_step_s']:>14.4f} {row['real_tokens_per_s']:>11.1f} "
       f"{row['real_tokens_per_s'] / torch_rate:>9.2f}x {row['real_token_fraction']:>9.3f} "
+      f"{row['model_gflops_per_s']:>8.2f} {row['mfu'] if row['mfu'] is not None else '-':>6} "
       f"{row['peak_rss_mib']:>13.1f} {row['first_loss']:>9.4f}->{row['last_loss']:<9.4f}"
     )
   print(f"jaxpref compile s {result['jax_compile_s']}; shapes {result['jax_shapes']}")

@@ -101,6 +101,10 @@ def _tree_bytes(abstract_tree, shardings_tree) -> tuple[int, int]:
 
 
 def num_tasks_of(config) -> int:
+  """Tasks the step is compiled for (without reading the data: a domain-specific file, which
+  gives several tasks, counts as one unless `data.tasks` names them)."""
+  if config.data.get("tasks"):
+    return len([t for t in config.data.tasks.split(",") if t.strip()])
   if config.data.task_names:
     return len([t for t in config.data.task_names.split(",") if t])
   return max(1, len([f for f in config.data.files.split(",") if f]))

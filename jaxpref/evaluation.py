@@ -100,8 +100,10 @@ class TrainEvaluator:
     return per_task
 
   def evaluate(self, params) -> dict[str, float]:
-    scalars = {}
-    for task, report in self.reports(params).items():
-      for name in LOGGED_METRICS:
-        scalars[f"eval/{task}/{name}"] = float(report[name])
-    return scalars
+    return logged_scalars(self.reports(params))
+
+
+def logged_scalars(reports: dict[str, dict[str, Any]]) -> dict[str, float]:
+  """`eval/<task>/<metric>` scalars of per-task calibration reports (what training logs)."""
+  return {f"eval/{task}/{name}": float(report[name])
+          for task, report in reports.items() for name in LOGGED_METRICS}

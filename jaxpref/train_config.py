@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Comma-separated data files, one task each (task name = file stem unless `task_names` is set).
   c.data.files = ""
   c.data.task_names = ""
+  # Comma-separated tasks to train and evaluate on, out of those the files give (a
+  # domain-specific file gives several, `<name>_<domain>`); "" = all. Task ids follow file order.
+  c.data.tasks = ""
   c.data.format = "auto"
   c.data.on_error = "raise"  # raise | skip (count and skip bad records)
   c.data.on_tie = ""  # items whose responses all tie: raise | skip | keep; "" follows on_error
@@ -50,6 +53,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mixing = "resample"  # resample | proportional
   c.data.resampling_size = 0  # items per task per epoch; 0 = the largest task's size
   c.data.min_bucket = 32
+  # Padded lengths: powers of two from min_bucket (0), or every multiple of this above it (less
+  # padding, more compiled shapes; 64 suits max_length 512 on CPU).
+  c.data.bucket_multiple = 0
+  # Pack each training batch's responses end to end into rows of max_length tokens (decoders
+  # with last-token pooling; same rewards and gradients, fewer positions; jaxpref.data.packing).
+  c.data.packing = False
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, in preference items

@@ -13,7 +13,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from jaxpref import sharding
-from jaxpref.data import pipeline, reader, splits, tokenize
+from jaxpref.data import packing, pipeline, reader, splits, tokenize
 from jaxpref.data.errors import DataConfigError
 from jaxpref.data.records import DataSummary, PreferenceItem, group_by_task
 from jaxpref.models.config import ModelConfig
@@ -43,6 +43,20 @@ def task_files(data: ml_collections.ConfigDict) -> list[tuple[str, str]]:
   if len(set(names)) != len(names):
     raise DataConfigError(f"task names {names} are not unique; set data.task_names")
   return list(zip(names, files))
+
+
+def select_tasks(available: list[str], wanted: str) -> list[str]:
+  """The tasks of `available` named in `wanted` (comma-separated; "" = all), in their order.
+
+  Selection comes after reading, so one task of a multi-task file (a domain of the
+  domain-specific set) can be trained alone; its held-out split is the same as in a run on all
+  tasks, since splits are per task and by prompt hash.
+  """
+  names = [n.strip() for n in wanted.split(",") if n.strip()]
+  unknown = [n for n in names if n not in available]
+  if unknown:
+    raise DataConfigError(f"data.tasks: {unknown} not among the tasks of data.files {available}")
+  return [t for t in available if t in names] if names else available
 
 
 def _with_token_ids(cfg: ModelConfig, tokenizer) -> ModelConfig:
@@ -86,7 +100,7 @@ def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainD
       train_items[task], eval_items[task] = train, held_out
       logging.info("task %s: %d train / %d eval items from %s", task, len(train),
                    len(held_out), path)
-  task_names = list(train_items)
+  task_names = select_tasks(list(train_items), data.tasks)
   train_pipeline = pipeline.build_train_pipeline(
       [train_items[t] for t in task_names], tokenizer,
       global_batch_size=config.train.batch_size,
@@ -98,18 +112,40 @@ def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainD
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       truncation_side=data.truncation_side,
-      buckets=tokenize.length_buckets(data.max_length, data.min_bucket),
+      buckets=tokenize.length_buckets(data.max_length, data.min_bucket, data.bucket_multiple),
   )
   return TrainData(task_names=task_names, tokenizer=tokenizer, train_pipeline=train_pipeline,
-                   eval_items=eval_items, num_steps=train_pipeline.num_steps,
-                   summary=summary, model_cfg=model_cfg)
+                   eval_items={t: eval_items[t] for t in task_names},
+                   num_steps=train_pipeline.num_steps, summary=summary, model_cfg=model_cfg)
+
+
+def pack_local_batch(local_batch: dict[str, np.ndarray], row_length: int,
+                     mesh: Mesh) -> dict[str, np.ndarray]:
+  """This process's part of a packed global batch (see `jaxpref.data.packing`).
+
+  Every process must hold the same number of rows, so the count is agreed (the maximum over
+  processes, one small all-gather per step) and rounded to a multiple of the batch-axis devices
+  each process feeds; `packed_last_index` then indexes the global [R, row_length] array.
+  """
+  per_process = max(1, sharding.global_batch_size_multiple(mesh) // jax.process_count())
+  rows = packing.rows_needed(local_batch, row_length)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    rows = int(np.max(multihost_utils.process_allgather(np.int32(rows))))
+  rows = -(-rows // per_process) * per_process
+  # Where this process's rows sit in the global array: the first row of its devices' shards.
+  global_shape = (rows * jax.process_count(), row_length)
+  index_map = sharding.batch_sharding(mesh, global_shape).devices_indices_map(global_shape)
+  offset = min(index[0].start or 0 for device, index in index_map.items()
+               if device.process_index == jax.process_index())
+  return packing.pack_batch(local_batch, row_length=row_length, num_rows=rows, row_offset=offset)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's rows into global arrays sharded over the mesh's batch axes."""
   out = {}
   for name, local in local_batch.items():
-    if name not in ("input_ids", "attention_mask", "scores", "task_ids"):
+    if name not in ("input_ids", "attention_mask", "scores", "task_ids", *packing.PACKED_KEYS):
       continue
     global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
     out[name] = jax.make_array_from_process_local_data(

@@ -11,6 +11,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxpref import checkpointing, evaluation, objectives, sharding, train_data, train_state
+from jaxpref import checkpointing, evaluation, flops, objectives, sharding, train_data, train_state
 from jaxpref.metrics_writer import MetricsWriter, flatten_metrics
 from jaxpref.model_source import load_model
+from jaxpref.models import reward_model
 from jaxpref.train_step import train_step
 
 
@@ -59,7 +61,15 @@ class _StopRequest:
     return self.requested
 
 
-def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
+def _check_config(config: ml_collections.ConfigDict, mesh, model_cfg) -> None:
+  if config.data.packing:
+    if config.train.grad_accum_steps > 1:
+      raise TrainingError("data.packing=True does not support train.grad_accum_steps > 1 (packed "
+                          "rows do not split into micro-batches of whole items)")
+    try:
+      reward_model.check_packable(model_cfg)
+    except ValueError as e:
+      raise TrainingError(str(e)) from None
   multiple = sharding.global_batch_size_multiple(mesh) * config.train.grad_accum_steps
   if config.train.batch_size % config.train.grad_accum_steps:
     raise TrainingError(
@@ -88,13 +98,21 @@ def _host_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
   return jax.tree.map(np.asarray, jax.device_get(metrics))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, *,
+    on_final_eval: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
   """Trains (or resumes) a reward model as `config` says; returns the last logged metrics.
 
   Args:
     config: a config from `configs/*.py` (see `jaxpref.train_config.base_config`).
     workdir: where checkpoints, logs, the effective config and the tokenizer go. A run started
       again with the same workdir resumes from its latest complete checkpoint.
+    on_final_eval: called once, on every process, with the full reports of the final held-out
+      evaluation, `{task: calibration_report}` plus `"all"` (see
+      `jaxpref.calibration.calibration_report`: reliability bins and every metric, of which
+      eval_final.json keeps the scalars). Not called when there is no final evaluation (a run
+      stopped early, `eval.final=False`, or no held-out items).
   """
   workdir = Path(workdir)
   if jax.process_index() == 0:
@@ -116,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # --- Mesh and sharded state. ----------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  _check_config(config, mesh)
+  _check_config(config, mesh, model_cfg)
   logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
                jax.process_count())
   optimizer, schedule = train_state.make_optimizer(config.train, total_steps)
@@ -165,14 +183,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if jax.process_index() == 0 and step < total_steps:
     from tqdm.auto import tqdm
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step")
-  window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+  window_start, window_tokens, window_steps, window_flops = time.perf_counter(), 0.0, 0, 0.0
+  device_kind = jax.devices()[0].device_kind
   try:
     while step < total_steps:
       if stop.should_stop(manager, step):
         checkpointing.save(manager, step, state, pipeline.get_state(), force=True)
         logging.warning("Stopped at step %d on request; checkpoint saved.", step)
         break
-      batch = train_data.global_batch(next(pipeline), mesh)
+      local_batch = next(pipeline)
+      # Model FLOPs of the global batch, estimated from this process's share of it.
+      window_flops += jax.process_count() * flops.train_flops(
+          model_cfg, local_batch["attention_mask"].sum(-1).ravel())
+      if config.data.packing:
+        local_batch = train_data.pack_local_batch(local_batch, config.data.max_length, mesh)
+      batch = train_data.global_batch(local_batch, mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       # Two scalars per step, fetched anyway for the progress bar: the NaN guard. Finite gradients
@@ -194,9 +219,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         scalars = flatten_metrics(_host_metrics(metrics), data.task_names)
         scalars["step_time_s"] = elapsed / window_steps
         scalars["tokens_per_s"] = window_tokens / elapsed
+        scalars["model_tflops_per_s"] = window_flops / elapsed / 1e12
+        utilisation = flops.mfu(window_flops, elapsed, device_kind, jax.device_count())
+        if utilisation is not None:
+          scalars["mfu"] = utilisation
         writer.write(step, scalars)
         last_logged = {"step": step, **scalars}
         window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+        window_flops = 0.0
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
         eval_scalars = evaluator.evaluate(state.params)
         writer.write(step, eval_scalars)
@@ -209,7 +239,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       progress.close()
 
   if step >= total_steps and config.eval.final and evaluator.has_data:
-    eval_scalars = evaluator.evaluate(state.params)
+    # Reports once, then the logged scalars from them (what `evaluator.evaluate` returns), so that
+    # a caller who wants the reliability bins does not pay for a second evaluation.
+    eval_reports = evaluator.reports(state.params)
+    eval_scalars = evaluation.logged_scalars(eval_reports)
+    if on_final_eval is not None:
+      on_final_eval(eval_reports)
     writer.write(step, eval_scalars)
     last_logged.update(eval_scalars)
     if jax.process_index() == 0:

@@ -74,3 +74,12 @@ def test_packed_two_processes_match_padded_one_device(tmp_path, reference_losses
   assert sorted(losses) == [1, 2, 3]
   for step, values in losses.items():
     np.testing.assert_allclose(values[0], reference_losses[step], rtol=1e-4, err_msg=f"{step}")
+
+
+def test_throughput_metrics_are_logged(reference_run):
+  tflops = th.metric_by_step(reference_run, "model_tflops_per_s")
+  tokens, positions = th.metric_by_step(reference_run, "tokens"), _positions(reference_run)
+  assert len(tflops) == 3 and all(t > 0 for t in tflops)
+  # Real tokens never exceed the positions computed; no MFU without a known peak (CPU).
+  assert all(0 < t <= p for t, p in zip(tokens, positions))
+  assert th.metric_by_step(reference_run, "mfu") == []

@@ -69,24 +69,26 @@ def markdown(results: dict[str, Any]) -> str:
     "seeds (n = seeds; no ± means one seed).",
     "",
   ]
-  for metric, label in (("accuracy", "Accuracy"), ("ece_10", "ECE (10 bins)")):
+  # The worst task shows how a shared RM splits conflicting preferences between tasks, which a
+  # mean over tasks hides: the lowest accuracy, the highest ECE.
+  for metric, label, worst in (("accuracy", "Accuracy", min), ("ece_10", "ECE (10 bins)", max)):
     lines += [
       f"## {label}",
       "",
-      "| model | params | data/task | objective | seeds | " + " | ".join(tasks) + " | mean |",
-      "|" + "---|" * (len(tasks) + 6),
+      "| model | params | data/task | objective | seeds | "
+      + " | ".join(tasks)
+      + " | mean | worst task |",
+      "|" + "---|" * (len(tasks) + 7),
     ]
     for key in _key_order(groups, rows):
       g = groups[key]
       n = max(len(g[t][metric]) for t in g)
-      per_seed = [
-        np.mean([g[t][metric][s] for t in tasks if len(g[t][metric]) > s]) for s in range(n)
-      ]
+      per_seed = [[g[t][metric][s] for t in tasks if len(g[t][metric]) > s] for s in range(n)]
       cells = [_fmt(g[t][metric] if t in g else None) for t in tasks]
       lines.append(
         f"| {key[0]} | {params[key[0]]:,} | {key[1]} | {key[2]} | {n} | "
         + " | ".join(cells)
-        + f" | {_fmt(per_seed)} |"
+        + f" | {_fmt([np.mean(v) for v in per_seed])} | {_fmt([worst(v) for v in per_seed])} |"
       )
     lines.append("")
   lines += [
@@ -125,8 +127,11 @@ def _line_plot(rows, x_key, fixed_key, fixed_value, metric, path, xlabel, ylabel
   return str(path)
 
 
-def lambda_plot(rows: list[dict[str, Any]], path: Path) -> str | None:
-  """Per-task MORE weights over training, one panel per MORE cell (from metrics.jsonl)."""
+def lambda_plot(rows: list[dict[str, Any]], path: Path, root: Path) -> str | None:
+  """Per-task MORE weights over training, one panel per MORE cell (from metrics.jsonl).
+
+  A row's `workdir` is relative to the sweep directory `root`.
+  """
   more = [r for r in rows if r["objective"] == "more"]
   if not more:
     return None
@@ -134,7 +139,7 @@ def lambda_plot(rows: list[dict[str, Any]], path: Path) -> str | None:
   for k, r in enumerate(more):
     ax = fig.add_subplot((len(more) + 3) // 4, min(len(more), 4), k + 1)
     series = defaultdict(list)
-    for line in (Path(r["workdir"]) / "metrics.jsonl").read_text().splitlines():
+    for line in (root / r["workdir"] / "metrics.jsonl").read_text().splitlines():
       record = json.loads(line)
       for key, value in record.items():
         if key.startswith("task_weight/"):
@@ -178,7 +183,7 @@ def write_report(results: dict[str, Any], root: Path) -> dict[str, str]:
     "training items per task",
     "accuracy (mean over tasks)",
   )
-  path = lambda_plot(rows, plot_dir / "more_lambdas.png")
+  path = lambda_plot(rows, plot_dir / "more_lambdas.png", root)
   if path:
     out["more_lambdas"] = path
   # Reliability diagrams of the headline point, seed 0: objectives by tasks.

@@ -1,0 +1,79 @@
+"""Model FLOPs of a reward-model train step, and model FLOPs utilisation (MFU).
+
+Counted from the config, the way MFU is usually reported (PaLM, MaxText): every matmul of the
+forward pass is 2 FLOPs per multiply-add, the backward pass twice the forward, so a token costs
+6 N FLOPs for the N parameters in matmuls (the embedding table is a lookup and the reward head
+has one output, so neither counts), plus causal attention: QK^T and PV over the tokens before it,
+6 * layers * heads * head_dim * T^2 per sequence of T tokens for the three passes (half of the
+full T x T product; MaxText also counts causal attention as half). Padding, remat recomputation
+and packing do not change the count: it is the work the model needs, not the work done, so that
+the ratio to the hardware's peak says how well the step uses the chip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from jaxpref.models.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
+PEAK_FLOPS = {
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,  # v5e
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,  # v6e (Trillium)
+  "TPU v6e": 918e12,
+  "NVIDIA H100 80GB HBM3": 989e12,  # SXM
+  "NVIDIA H100 PCIe": 756e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA A100-SXM4-80GB": 312e12,
+  "NVIDIA A100-SXM4-40GB": 312e12,
+  "NVIDIA A100 80GB PCIe": 312e12,
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Parameters that take part in a matmul per token (embeddings and the 1-output head excluded)."""
+  d, heads, kv, head_dim = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+  attention = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o; k, v.
+  gated = cfg.arch == "llama"
+  mlp = d * cfg.intermediate_size * (3 if gated else 2)
+  pooler = d * d if cfg.pooling == "pooler" else 0
+  return cfg.num_layers * (attention + mlp) + pooler
+
+
+def train_flops(cfg: ModelConfig, lengths: Iterable[int]) -> float:
+  """Model FLOPs of one training step (forward and backward) over sequences of these lengths."""
+  lengths = np.asarray(list(lengths), np.float64)
+  dense = 6.0 * matmul_params(cfg) * lengths.sum()
+  attention = 6.0 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * (lengths**2).sum()
+  return float(dense + attention)
+
+
+def forward_flops(cfg: ModelConfig, lengths: Iterable[int], *, causal_half: bool = True) -> float:
+  """Model FLOPs of a forward pass (a third of `train_flops`; full T^2 if not causal_half)."""
+  lengths = np.asarray(list(lengths), np.float64)
+  dense = 2.0 * matmul_params(cfg) * lengths.sum()
+  per_t2 = 2.0 if causal_half else 4.0
+  attention = per_t2 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * (lengths**2).sum()
+  return float(dense + attention)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The device's dense bf16 peak FLOP/s, or None where unknown (CPUs)."""
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
+  matches = [k for k in PEAK_FLOPS if device_kind.startswith(k)]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def mfu(flops: float, seconds: float, device_kind: str, num_devices: int = 1) -> float | None:
+  """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak (None if unknown)."""
+  peak = peak_flops(device_kind)
+  if peak is None or seconds <= 0:
+    return None
+  return flops / seconds / (peak * num_devices)
