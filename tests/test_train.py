@@ -20,20 +20,7 @@ pytestmark = pytest.mark.usefixtures("shared_dir")
 
 
 def _tiny_config(**changes):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", th.TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for flag in th.TINY_OVERRIDES:
-    key, value = flag.removeprefix("--config.").split("=", 1)
-    section, name = key.split(".")
-    config[section][name] = type(config[section][name])(value)
-  for key, value in changes.items():
-    section, name = key.split("__")
-    config[section][name] = value
-  config.lock()
-  return config
+  return th.tiny_config(**changes)
 
 
 def test_train_resume_export_score(tmp_path):

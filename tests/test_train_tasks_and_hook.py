@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -15,18 +14,7 @@ from jaxpref.data.errors import DataConfigError
 
 def _tiny_config(**changes):
   """configs/tiny.py with the few-second overrides of the training tests."""
-  spec = importlib.util.spec_from_file_location("tiny", th.TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for flag in th.TINY_OVERRIDES:
-    key, value = flag.removeprefix("--config.").split("=", 1)
-    section, name = key.split(".")
-    config[section][name] = type(config[section][name])(value)
-  for key, value in changes.items():
-    section, name = key.split("__")
-    config[section][name] = value
-  return config
+  return th.tiny_config(lock=False, **changes)
 
 
 def test_select_tasks_keeps_file_order_and_names_the_key():

@@ -29,6 +29,26 @@ TINY_OVERRIDES = (
 )
 
 
+def tiny_config(*, lock: bool = True, **changes):
+  """configs/tiny.py with TINY_OVERRIDES and `section__name=value` changes, in process."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("tiny", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for flag in TINY_OVERRIDES:
+    key, value = flag.removeprefix("--config.").split("=", 1)
+    section, name = key.split(".")
+    config[section][name] = type(config[section][name])(value)
+  for key, value in changes.items():
+    section, name = key.split("__")
+    config[section][name] = value
+  if lock:
+    config.lock()
+  return config
+
+
 def env_with(devices: int = 1) -> dict[str, str]:
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
