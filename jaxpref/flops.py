@@ -3,11 +3,12 @@
 Counted from the config, the way MFU is usually reported (PaLM, MaxText): every matmul of the
 forward pass is 2 FLOPs per multiply-add, the backward pass twice the forward, so a token costs
 6 N FLOPs for the N parameters in matmuls (the embedding table is a lookup and the reward head
-has one output, so neither counts), plus causal attention: QK^T and PV over the tokens before it,
-6 * layers * heads * head_dim * T^2 per sequence of T tokens for the three passes (half of the
-full T x T product; MaxText also counts causal attention as half). Padding, remat recomputation
-and packing do not change the count: it is the work the model needs, not the work done, so that
-the ratio to the hardware's peak says how well the step uses the chip.
+has one output, so neither counts). Attention (QK^T and PV) adds 6 * layers * heads * head_dim
+* T^2 per sequence of T tokens over the three passes of a causal decoder (half of the full T x T
+product; MaxText also counts causal attention as half), twice that for a bidirectional encoder
+(BERT). Padding, remat recomputation and packing do not change the count: it is the work the
+model needs, not the work done, so that the ratio to the hardware's peak says how well the step
+uses the chip.
 """
 
 from __future__ import annotations
@@ -46,21 +47,22 @@ def matmul_params(cfg: ModelConfig) -> int:
   return cfg.num_layers * (attention + mlp) + pooler
 
 
-def train_flops(cfg: ModelConfig, lengths: Iterable[int]) -> float:
-  """Model FLOPs of one training step (forward and backward) over sequences of these lengths."""
-  lengths = np.asarray(list(lengths), np.float64)
-  dense = 6.0 * matmul_params(cfg) * lengths.sum()
-  attention = 6.0 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * (lengths**2).sum()
-  return float(dense + attention)
-
-
 def forward_flops(cfg: ModelConfig, lengths: Iterable[int], *, causal_half: bool = True) -> float:
-  """Model FLOPs of a forward pass (a third of `train_flops`; full T^2 if not causal_half)."""
+  """Model FLOPs of a forward pass over sequences of these lengths.
+
+  Decoders count half of the T x T attention products (causal); BERT, or `causal_half=False`
+  (what dense attention computes), counts all of them.
+  """
   lengths = np.asarray(list(lengths), np.float64)
   dense = 2.0 * matmul_params(cfg) * lengths.sum()
-  per_t2 = 2.0 if causal_half else 4.0
+  per_t2 = 2.0 if causal_half and cfg.arch != "bert" else 4.0
   attention = per_t2 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * (lengths**2).sum()
   return float(dense + attention)
+
+
+def train_flops(cfg: ModelConfig, lengths: Iterable[int]) -> float:
+  """Model FLOPs of one training step (forward and backward: three forwards)."""
+  return 3.0 * forward_flops(cfg, lengths)
 
 
 def peak_flops(device_kind: str) -> float | None:
