@@ -24,8 +24,9 @@ def get_config():
   c.model.intermediate_size = 256
   c.model.rotary_pct = 0.25
   c.model.max_position_embeddings = 2048
-  c.data.files = ",".join(str(PREFERENCES / f) for f in ("helpful.json", "harmless.json",
-                                                          "webgpt.json"))
+  c.data.files = ",".join(
+    str(PREFERENCES / f) for f in ("helpful.json", "harmless.json", "webgpt.json")
+  )
   c.data.tokenizer = str(SHARED / "data" / "tokenizers" / "gpt2" / "tokenizer.json")
   c.data.on_tie = "skip"  # webgpt.json has 245 tied pairs: no preference, counted and skipped.
   c.data.max_length = 128

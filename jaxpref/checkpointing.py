@@ -30,34 +30,50 @@ def checkpoint_dir(workdir: str | Path) -> Path:
   return Path(workdir) / "checkpoints"
 
 
-def make_manager(workdir: str | Path, *, every_steps: int, keep: int, async_save: bool = True,
-                 read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(
+  workdir: str | Path,
+  *,
+  every_steps: int,
+  keep: int,
+  async_save: bool = True,
+  read_only: bool = False,
+) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=max(every_steps, 1),
-      max_to_keep=keep if keep > 0 else None,
-      enable_async_checkpointing=async_save,
-      create=not read_only,
-      read_only=read_only,
-      cleanup_tmp_directories=not read_only,
+    save_interval_steps=max(every_steps, 1),
+    max_to_keep=keep if keep > 0 else None,
+    enable_async_checkpointing=async_save,
+    create=not read_only,
+    read_only=read_only,
+    cleanup_tmp_directories=not read_only,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir).absolute(), options=options,
-                               item_names=("state", "data"))
+  return ocp.CheckpointManager(
+    checkpoint_dir(workdir).absolute(), options=options, item_names=("state", "data")
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict | None, *,
-         force: bool = False) -> bool:
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                            data=ocp.args.JsonSave(data_state or {}))
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  data_state: dict | None,
+  *,
+  force: bool = False,
+) -> bool:
+  args = ocp.args.Composite(
+    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
+  )
   return manager.save(step, args=args, force=force)
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract_tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+  )
 
 
-def restore(manager: ocp.CheckpointManager, step: int | None, abstract_state: Any
-            ) -> tuple[int, Any, dict]:
+def restore(
+  manager: ocp.CheckpointManager, step: int | None, abstract_state: Any
+) -> tuple[int, Any, dict]:
   """Restores `(step, state, data_state)`; `step=None` means the latest complete checkpoint."""
   if step is None:
     step = manager.latest_step()
@@ -65,9 +81,14 @@ def restore(manager: ocp.CheckpointManager, step: int | None, abstract_state: An
     raise CheckpointNotFoundError(f"no checkpoint in {manager.directory}")
   if step not in manager.all_steps():
     raise CheckpointNotFoundError(
-        f"no checkpoint for step {step} in {manager.directory}; have {sorted(manager.all_steps())}")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      f"no checkpoint for step {step} in {manager.directory}; have {sorted(manager.all_steps())}"
+    )
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+    ),
+  )
   return step, restored["state"], dict(restored["data"] or {})
 
 
@@ -78,15 +99,25 @@ def restore_params(workdir: str | Path, step: int | None, abstract_params: Any) 
   if step is None or step not in manager.all_steps():
     have = sorted(manager.all_steps())
     raise CheckpointNotFoundError(
-        f"no checkpoint{'' if step is None else f' for step {step}'} in "
-        f"{checkpoint_dir(workdir)}; have {have}")
+      f"no checkpoint{'' if step is None else f' for step {step}'} in "
+      f"{checkpoint_dir(workdir)}; have {have}"
+    )
   # Only `params` is read: the optimizer state (twice the parameters' size) stays on disk.
   target = {"params": abstract_params}
   restore_args = jax.tree.map(
-      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding) if getattr(x, "sharding", None)
-      else ocp.RestoreArgs(restore_type=None), target)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+    lambda x: (
+      ocp.ArrayRestoreArgs(sharding=x.sharding)
+      if getattr(x, "sharding", None)
+      else ocp.RestoreArgs(restore_type=None)
+    ),
+    target,
+  )
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    ),
+  )
   return step, restored["state"]["params"]
 
 
@@ -103,8 +134,9 @@ def read_model_config(workdir: str | Path) -> ModelConfig:
   if not path.is_file():
     raise CheckpointNotFoundError(f"{path} not found: is {workdir} a jaxpref training workdir?")
   fields = json.loads(path.read_text())
-  fields["rope_scaling"] = freeze_rope_scaling(fields.get("rope_scaling") and
-                                               dict(fields["rope_scaling"]))
+  fields["rope_scaling"] = freeze_rope_scaling(
+    fields.get("rope_scaling") and dict(fields["rope_scaling"])
+  )
   return ModelConfig(**fields)
 
 

@@ -12,18 +12,25 @@ FLAGS = flags.FLAGS
 
 
 def define_distributed_flags() -> None:
-  flags.DEFINE_string("coordinator_address", None,
-                      "host:port of process 0 for multi-process CPU/GPU runs (TPU VMs and SLURM "
-                      "are detected automatically).")
+  flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0 for multi-process CPU/GPU runs (TPU VMs and SLURM "
+    "are detected automatically).",
+  )
   flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-  flags.DEFINE_boolean("distributed", None,
-                       "Force (True) or skip (False) jax.distributed.initialize(); by default it "
-                       "runs when --coordinator_address is given or a TPU pod / SLURM job is seen.")
+  flags.DEFINE_boolean(
+    "distributed",
+    None,
+    "Force (True) or skip (False) jax.distributed.initialize(); by default it "
+    "runs when --coordinator_address is given or a TPU pod / SLURM job is seen.",
+  )
 
 
 def _auto_distributed() -> bool:
   import os
+
   if os.environ.get("SLURM_NTASKS", "1") not in ("", "1") and "SLURM_PROCID" in os.environ:
     return True
   # GKE sets TPU_WORKER_HOSTNAMES; a TPU VM has accelerator device files, and
@@ -32,6 +39,7 @@ def _auto_distributed() -> bool:
   if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
     return True
   import glob
+
   return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
@@ -49,23 +57,36 @@ def initialize_distributed() -> None:
       # Cross-process collectives on CPU go through gloo.
       with contextlib.suppress(Exception):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
   else:
     jax.distributed.initialize()
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    "jax.distributed: process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
   """Errors caused by the user's input; printed as one line rather than a traceback."""
   from jaxpref import checkpointing, sharding
   from jaxpref.data import errors as data_errors
-  types = [data_errors.DataError, checkpointing.CheckpointNotFoundError, sharding.MeshError,
-           FileNotFoundError]
+
+  types = [
+    data_errors.DataError,
+    checkpointing.CheckpointNotFoundError,
+    sharding.MeshError,
+    FileNotFoundError,
+  ]
   try:
     from jaxpref.models import hf_io
+
     types.append(hf_io.CheckpointError)
   except (ImportError, AttributeError):
     pass

@@ -30,23 +30,49 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("data", [], "Preference data file(s); repeat the flag for several.")
   flags.DEFINE_string("output", None, "Output directory.")
   flags.DEFINE_integer("max_length", 512, "Token length; longer texts are truncated.")
-  flags.DEFINE_enum("truncation_side", "left", ["left", "right"],
-                    "Which end of a long text is cut (left keeps the response, as in training).")
+  flags.DEFINE_enum(
+    "truncation_side",
+    "left",
+    ["left", "right"],
+    "Which end of a long text is cut (left keeps the response, as in training).",
+  )
   flags.DEFINE_integer("batch_size", 32, "Items per batch.")
   flags.DEFINE_string("format", "auto", "Data format (see docs/data.md); auto-detected by default.")
-  flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
-                    "Malformed records: raise (stop naming file:line) or skip them and count them.")
-  flags.DEFINE_enum("on_tie", "keep", ["raise", "skip", "keep"],
-                    "Items whose responses all tie (they add no pair): keep, skip or raise.")
+  flags.DEFINE_enum(
+    "on_error",
+    "raise",
+    ["raise", "skip"],
+    "Malformed records: raise (stop naming file:line) or skip them and count them.",
+  )
+  flags.DEFINE_enum(
+    "on_tie",
+    "keep",
+    ["raise", "skip", "keep"],
+    "Items whose responses all tie (they add no pair): keep, skip or raise.",
+  )
   flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap replicates for the 95% intervals (0: none).")
-  flags.DEFINE_boolean("fit_temperature", False,
-                       "Fit a temperature on a prompt-hash half of the data, report ECE before and "
-                       "after on the other half, and store it as temperature.json with the model.")
-  flags.DEFINE_float("temperature_fraction", 0.5,
-                     "Fraction of items (by prompt hash) used to fit the temperature.")
+  flags.DEFINE_boolean(
+    "fit_temperature",
+    False,
+    "Fit a temperature on a prompt-hash half of the data, report ECE before and "
+    "after on the other half, and store it as temperature.json with the model.",
+  )
+  flags.DEFINE_float(
+    "temperature_fraction", 0.5, "Fraction of items (by prompt hash) used to fit the temperature."
+  )
 
-TABLE_COLUMNS = ("accuracy", "n_pairs", "ece_5", "ece_10", "ece_20", "ace_10", "mce_10", "nll",
-                 "brier")
+
+TABLE_COLUMNS = (
+  "accuracy",
+  "n_pairs",
+  "ece_5",
+  "ece_10",
+  "ece_20",
+  "ace_10",
+  "mce_10",
+  "nll",
+  "brier",
+)
 
 
 def markdown_table(reports: dict[str, dict[str, Any]]) -> str:
@@ -66,11 +92,22 @@ def markdown_table(reports: dict[str, dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def evaluate_files(cfg, params, tokenizer, data_files: list[str], output: str | Path, *,
-                   max_length: int, batch_size: int, on_error: str, on_tie: str = "keep",
-                   data_format: str = "auto",
-                   truncation_side: str = "left", n_bootstrap: int = 1000,
-                   temperature: float = 1.0) -> dict[str, dict[str, Any]]:
+def evaluate_files(
+  cfg,
+  params,
+  tokenizer,
+  data_files: list[str],
+  output: str | Path,
+  *,
+  max_length: int,
+  batch_size: int,
+  on_error: str,
+  on_tie: str = "keep",
+  data_format: str = "auto",
+  truncation_side: str = "left",
+  n_bootstrap: int = 1000,
+  temperature: float = 1.0,
+) -> dict[str, dict[str, Any]]:
   """Scores each file, writes report.json / report.md / reliability PNGs, returns the reports."""
   from jaxpref import evaluation, plots
   from jaxpref.data import reader
@@ -82,55 +119,82 @@ def evaluate_files(cfg, params, tokenizer, data_files: list[str], output: str | 
     name = Path(path).name.split(".")[0]
     if name in reports:
       raise ValueError(f"two data files are both named {name!r}; rename one")
-    items, summary = reader.read_preferences(path, format=data_format, on_error=on_error,
-                                             on_tie=on_tie, task=name, tokenizer=tokenizer)
-    batches = evaluation.tokenized_eval_batches(items, tokenizer, batch_size=batch_size,
-                                                max_length=max_length,
-                                                truncation_side=truncation_side)
+    items, summary = reader.read_preferences(
+      path, format=data_format, on_error=on_error, on_tie=on_tie, task=name, tokenizer=tokenizer
+    )
+    batches = evaluation.tokenized_eval_batches(
+      items,
+      tokenizer,
+      batch_size=batch_size,
+      max_length=max_length,
+      truncation_side=truncation_side,
+    )
     rewards_bn, scores_bn = evaluation.collect_rewards(cfg, params, batches)
-    reports[name] = evaluation.report_for(rewards_bn, scores_bn, n_bootstrap=n_bootstrap,
-                                          temperature=temperature)
+    reports[name] = evaluation.report_for(
+      rewards_bn, scores_bn, n_bootstrap=n_bootstrap, temperature=temperature
+    )
     reports[name]["data"] = summary.to_dict()
     summaries[name] = summary
     all_rewards.append(rewards_bn)
     all_scores.append(scores_bn)
-  reports["all"] = evaluation.report_for(*evaluation.concat_padded(all_rewards, all_scores),
-                                         n_bootstrap=n_bootstrap, temperature=temperature)
+  reports["all"] = evaluation.report_for(
+    *evaluation.concat_padded(all_rewards, all_scores),
+    n_bootstrap=n_bootstrap,
+    temperature=temperature,
+  )
   for name, report in reports.items():
-    plots.reliability_diagram(report, output / f"reliability_{name}.png",
-                              title=f"{name}: ECE-10 {report['ece_10']:.3f}")
+    plots.reliability_diagram(
+      report, output / f"reliability_{name}.png", title=f"{name}: ECE-10 {report['ece_10']:.3f}"
+    )
   (output / "report.json").write_text(json.dumps(reports, indent=2))
   (output / "report.md").write_text(markdown_table(reports))
   return reports
 
 
-def fit_and_store_temperature(cfg, params, tokenizer, data_files, store_dir: Path, *,
-                              fraction: float, **kwargs) -> dict[str, Any]:
+def fit_and_store_temperature(
+  cfg, params, tokenizer, data_files, store_dir: Path, *, fraction: float, **kwargs
+) -> dict[str, Any]:
   """Fits T on a prompt-hash split of all files; reports ECE before/after on the rest."""
   from jaxpref import evaluation, temperature
   from jaxpref.data import reader, splits
 
   fit_items, test_items = [], []
   for path in data_files:
-    items, _ = reader.read_preferences(path, format=kwargs["data_format"],
-                                        on_error=kwargs["on_error"], on_tie=kwargs["on_tie"],
-                                        task=Path(path).name.split(".")[0], tokenizer=tokenizer)
+    items, _ = reader.read_preferences(
+      path,
+      format=kwargs["data_format"],
+      on_error=kwargs["on_error"],
+      on_tie=kwargs["on_tie"],
+      task=Path(path).name.split(".")[0],
+      tokenizer=tokenizer,
+    )
     test, fit = splits.split_items(items, fraction)
     fit_items += fit
     test_items += test
   scored = {}
   for name, items in (("fit", fit_items), ("test", test_items)):
     batches = evaluation.tokenized_eval_batches(
-        items, tokenizer, batch_size=kwargs["batch_size"], max_length=kwargs["max_length"],
-        truncation_side=kwargs["truncation_side"])
+      items,
+      tokenizer,
+      batch_size=kwargs["batch_size"],
+      max_length=kwargs["max_length"],
+      truncation_side=kwargs["truncation_side"],
+    )
     scored[name] = evaluation.collect_rewards(cfg, params, batches)
   fit = temperature.fit_temperature(*scored["fit"])
   before = evaluation.report_for(*scored["test"], n_bootstrap=0)
   after = evaluation.report_for(*scored["test"], n_bootstrap=0, temperature=fit.temperature)
-  result = {"temperature": fit.temperature, "fit": fit.to_dict(),
-            "held_out": {"ece_10_before": before["ece_10"], "ece_10_after": after["ece_10"],
-                         "nll_before": before["nll"], "nll_after": after["nll"],
-                         "n_pairs": before["n_pairs"]}}
+  result = {
+    "temperature": fit.temperature,
+    "fit": fit.to_dict(),
+    "held_out": {
+      "ece_10_before": before["ece_10"],
+      "ece_10_after": after["ece_10"],
+      "nll_before": before["nll"],
+      "nll_after": after["nll"],
+      "n_pairs": before["n_pairs"],
+    },
+  }
   store_dir.mkdir(parents=True, exist_ok=True)
   (store_dir / "temperature.json").write_text(json.dumps(result, indent=2))
   return result
@@ -146,18 +210,31 @@ def main(argv) -> None:
   from jaxpref.data.tokenize import load_tokenizer
   from jaxpref.model_source import load_for_inference
 
-  cfg, params, tokenizer_path, step = load_for_inference(model=FLAGS.model, workdir=FLAGS.workdir,
-                                                         step=FLAGS.step)
+  cfg, params, tokenizer_path, step = load_for_inference(
+    model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step
+  )
   tokenizer = load_tokenizer(tokenizer_path)
-  options = dict(max_length=FLAGS.max_length, batch_size=FLAGS.batch_size,
-                 on_error=FLAGS.on_error, on_tie=FLAGS.on_tie, data_format=FLAGS.format,
-                 truncation_side=FLAGS.truncation_side)
-  reports = evaluate_files(cfg, params, tokenizer, FLAGS.data, FLAGS.output,
-                           n_bootstrap=FLAGS.n_bootstrap, **options)
+  options = dict(
+    max_length=FLAGS.max_length,
+    batch_size=FLAGS.batch_size,
+    on_error=FLAGS.on_error,
+    on_tie=FLAGS.on_tie,
+    data_format=FLAGS.format,
+    truncation_side=FLAGS.truncation_side,
+  )
+  reports = evaluate_files(
+    cfg, params, tokenizer, FLAGS.data, FLAGS.output, n_bootstrap=FLAGS.n_bootstrap, **options
+  )
   if FLAGS.fit_temperature:
-    result = fit_and_store_temperature(cfg, params, tokenizer, FLAGS.data,
-                                       Path(FLAGS.model or FLAGS.workdir),
-                                       fraction=FLAGS.temperature_fraction, **options)
+    result = fit_and_store_temperature(
+      cfg,
+      params,
+      tokenizer,
+      FLAGS.data,
+      Path(FLAGS.model or FLAGS.workdir),
+      fraction=FLAGS.temperature_fraction,
+      **options,
+    )
     (Path(FLAGS.output) / "temperature.json").write_text(json.dumps(result, indent=2))
     logging.info("temperature %.4f", result["temperature"])
   print(markdown_table(reports), end="")
@@ -167,5 +244,7 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: cli.run_main("jaxpref.eval", main, argv),
-          flags_parser=cli.parse_flags_or_exit("jaxpref.eval"))
+  app.run(
+    lambda argv: cli.run_main("jaxpref.eval", main, argv),
+    flags_parser=cli.parse_flags_or_exit("jaxpref.eval"),
+  )

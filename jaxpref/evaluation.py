@@ -22,27 +22,43 @@ from jaxpref.models.config import ModelConfig
 LOGGED_METRICS = ("accuracy", "n_pairs", "ece_10", "ace_10", "mce_10", "nll", "brier")
 
 
-def tokenized_eval_batches(items: Sequence[PreferenceItem], tokenizer, *, batch_size: int,
-                           max_length: int, truncation_side: str = "left", min_bucket: int = 32
-                           ) -> list[dict[str, np.ndarray]]:
+def tokenized_eval_batches(
+  items: Sequence[PreferenceItem],
+  tokenizer,
+  *,
+  batch_size: int,
+  max_length: int,
+  truncation_side: str = "left",
+  min_bucket: int = 32,
+) -> list[dict[str, np.ndarray]]:
   """Fixed-size, length-bucketed batches holding every item exactly once (see `valid_b`)."""
-  return list(eval_batches.build_eval_batches(
-      items, tokenizer, batch_size=batch_size, max_length=max_length,
+  return list(
+    eval_batches.build_eval_batches(
+      items,
+      tokenizer,
+      batch_size=batch_size,
+      max_length=max_length,
       truncation_side=truncation_side,
-      buckets=tokenize.length_buckets(max_length, min_bucket)))
+      buckets=tokenize.length_buckets(max_length, min_bucket),
+    )
+  )
 
 
-def concat_padded(rewards_list: Sequence[np.ndarray], scores_list: Sequence[np.ndarray]
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def concat_padded(
+  rewards_list: Sequence[np.ndarray], scores_list: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
   """Stacks [b_k, N_k] rewards/scores into [sum b_k, max N_k], padding scores with -1 (ignored)."""
   width = max(r.shape[1] for r in rewards_list)
   pad = lambda a, value: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
-  return (np.concatenate([pad(r, 0.0) for r in rewards_list]).astype(np.float32),
-          np.concatenate([pad(s, -1.0) for s in scores_list]).astype(np.float32))
+  return (
+    np.concatenate([pad(r, 0.0) for r in rewards_list]).astype(np.float32),
+    np.concatenate([pad(s, -1.0) for s in scores_list]).astype(np.float32),
+  )
 
 
-def collect_rewards(cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]]
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def collect_rewards(
+  cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
   """Rewards and scores of every real item in `batches`, as [num_items, N_max] arrays.
 
   Responses beyond an item's own count are padded with score -1 (ignored by every metric).
@@ -70,16 +86,31 @@ class TrainEvaluator:
   flat scalars `eval/<task>/<metric>` plus `eval/all/<metric>` over every task together.
   """
 
-  def __init__(self, cfg: ModelConfig, eval_items: Mapping[str, Sequence[PreferenceItem]],
-               tokenizer, *, batch_size: int, max_length: int, min_bucket: int = 32,
-               truncation_side: str = "left", n_bootstrap: int = 0):
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    eval_items: Mapping[str, Sequence[PreferenceItem]],
+    tokenizer,
+    *,
+    batch_size: int,
+    max_length: int,
+    min_bucket: int = 32,
+    truncation_side: str = "left",
+    n_bootstrap: int = 0,
+  ):
     self.cfg = cfg
     self.n_bootstrap = n_bootstrap
     self.batches = {
-        task: tokenized_eval_batches(items, tokenizer, batch_size=batch_size,
-                                     max_length=max_length, truncation_side=truncation_side,
-                                     min_bucket=min_bucket)
-        for task, items in eval_items.items() if items
+      task: tokenized_eval_batches(
+        items,
+        tokenizer,
+        batch_size=batch_size,
+        max_length=max_length,
+        truncation_side=truncation_side,
+        min_bucket=min_bucket,
+      )
+      for task, items in eval_items.items()
+      if items
     }
 
   @property
@@ -95,8 +126,9 @@ class TrainEvaluator:
       all_rewards.append(rewards_bn)
       all_scores.append(scores_bn)
     if all_rewards:
-      per_task["all"] = report_for(*concat_padded(all_rewards, all_scores),
-                                   n_bootstrap=self.n_bootstrap)
+      per_task["all"] = report_for(
+        *concat_padded(all_rewards, all_scores), n_bootstrap=self.n_bootstrap
+      )
     return per_task
 
   def evaluate(self, params) -> dict[str, float]:
@@ -105,5 +137,8 @@ class TrainEvaluator:
 
 def logged_scalars(reports: dict[str, dict[str, Any]]) -> dict[str, float]:
   """`eval/<task>/<metric>` scalars of per-task calibration reports (what training logs)."""
-  return {f"eval/{task}/{name}": float(report[name])
-          for task, report in reports.items() for name in LOGGED_METRICS}
+  return {
+    f"eval/{task}/{name}": float(report[name])
+    for task, report in reports.items()
+    for name in LOGGED_METRICS
+  }

@@ -32,6 +32,7 @@ def export(workdir: str | Path, output: str | Path, step: int | None = None) -> 
   """Exports a checkpoint of `workdir` to `output`; returns the exported step."""
   from jaxpref.model_source import load_for_inference
   from jaxpref.models import hf_io
+
   cfg, params, tokenizer_path, step = load_for_inference(workdir=str(workdir), step=step)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   hf_io.save_hf(output, cfg, params, tokenizer_path)
@@ -50,5 +51,7 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: cli.run_main("jaxpref.export", main, argv),
-          flags_parser=cli.parse_flags_or_exit("jaxpref.export"))
+  app.run(
+    lambda argv: cli.run_main("jaxpref.export", main, argv),
+    flags_parser=cli.parse_flags_or_exit("jaxpref.export"),
+  )

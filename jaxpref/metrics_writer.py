@@ -14,8 +14,9 @@ import jax
 import numpy as np
 
 
-def flatten_metrics(metrics: dict[str, Any], task_names: list[str] | tuple[str, ...] = ()
-                    ) -> dict[str, float]:
+def flatten_metrics(
+  metrics: dict[str, Any], task_names: list[str] | tuple[str, ...] = ()
+) -> dict[str, float]:
   """Scalars stay as they are; arrays with a task axis become `<name>/<task>` entries."""
   flat: dict[str, float] = {}
   for name, value in metrics.items():
@@ -50,6 +51,7 @@ class MetricsWriter:
     self._file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     if tensorboard:
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:

@@ -21,6 +21,7 @@ def model_config_from_config(model: ml_collections.ConfigDict) -> ModelConfig:
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   if model.preset:
     from jaxpref.models import presets
+
     cfg = presets.preset(model.preset)
     changes = {k: model[k] for k in RUNTIME_FIELDS}
   else:
@@ -38,6 +39,7 @@ def load_model(model: ml_collections.ConfigDict, seed: int) -> tuple[ModelConfig
   if not model.path:
     return model_config_from_config(model), None
   from jaxpref.models import hf_io
+
   cfg, params = hf_io.load_hf(model.path, head_seed=seed)
   changes = {k: model[k] for k in RUNTIME_FIELDS}
   if model.pooling:
@@ -47,13 +49,15 @@ def load_model(model: ml_collections.ConfigDict, seed: int) -> tuple[ModelConfig
   return cfg, params
 
 
-def load_for_inference(*, model: str | None = None, workdir: str | None = None,
-                       step: int | None = None) -> tuple[ModelConfig, dict, str, int | None]:
+def load_for_inference(
+  *, model: str | None = None, workdir: str | None = None, step: int | None = None
+) -> tuple[ModelConfig, dict, str, int | None]:
   """Loads `(cfg, params, tokenizer_path, step)` from an HF dir or a jaxpref training workdir."""
   if bool(model) == bool(workdir):
     raise ValueError("give exactly one of --model=HF_DIR or --workdir=DIR")
   if model:
     from jaxpref.models import hf_io
+
     cfg, params = hf_io.load_hf(model)
     return cfg, params, model, None
   cfg = checkpointing.read_model_config(workdir)

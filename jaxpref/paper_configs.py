@@ -20,11 +20,11 @@ from jaxpref.train_config import base_config
 
 PAPER_TASKS = ("helpful", "harmless", "oasst1", "webgpt", "summarize")
 PAPER_MODELS = {
-    # config name -> (preset name in jaxpref.models.presets, default local checkpoint path)
-    "pythia-1.4b": ("pythia-1.4b", "/path/to/checkpoints/pythia-1.4b"),
-    "pythia-2.8b": ("pythia-2.8b", "/path/to/checkpoints/pythia-2.8b"),
-    "llama-2-7b": ("llama-2-7b", "/path/to/checkpoints/Llama-2-7b-hf"),
-    "llama-2-13b": ("llama-2-13b", "/path/to/checkpoints/Llama-2-13b-hf"),
+  # config name -> (preset name in jaxpref.models.presets, default local checkpoint path)
+  "pythia-1.4b": ("pythia-1.4b", "/path/to/checkpoints/pythia-1.4b"),
+  "pythia-2.8b": ("pythia-2.8b", "/path/to/checkpoints/pythia-2.8b"),
+  "llama-2-7b": ("llama-2-7b", "/path/to/checkpoints/Llama-2-7b-hf"),
+  "llama-2-13b": ("llama-2-13b", "/path/to/checkpoints/Llama-2-13b-hf"),
 }
 
 
@@ -79,8 +79,9 @@ def paper_config(model: str, objective: str, variant: str = "") -> ml_collection
     c.model.intermediate_size = 64
     c.model.dtype = "float32"
     c.model.remat = False
-    c.data.files = ",".join(str(preferences / f"{t}.json")
-                            for t in ("helpful", "harmless", "webgpt"))
+    c.data.files = ",".join(
+      str(preferences / f"{t}.json") for t in ("helpful", "harmless", "webgpt")
+    )
     c.data.task_names = "helpful,harmless,webgpt"
     c.data.tokenizer = str(_shared_dir() / "data" / "tokenizers" / "gpt2" / "tokenizer.json")
     c.data.max_length = 64

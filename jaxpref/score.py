@@ -33,17 +33,32 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step with --workdir (default: the latest).")
   flags.DEFINE_string("data", None, "Input JSON-lines file (.jsonl or .jsonl.gz).")
   flags.DEFINE_string("output", None, "Output JSON-lines file.")
-  flags.DEFINE_integer("max_length", None, "Truncation length (default: the tokenizer's "
-                       "model_max_length, capped at the model's max_position_embeddings).")
+  flags.DEFINE_integer(
+    "max_length",
+    None,
+    "Truncation length (default: the tokenizer's "
+    "model_max_length, capped at the model's max_position_embeddings).",
+  )
   flags.DEFINE_integer("batch_size", 16, "Sequences per batch.")
-  flags.DEFINE_string("template", "{prompt}{response}",
-                      "How a best-of-n record's prompt and response are joined into one text.")
-  flags.DEFINE_boolean("apply_temperature", False,
-                       "Divide rewards by the temperature stored in the model dir / workdir "
-                       "(temperature.json, written by `jaxpref.eval --fit_temperature`).")
-  flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
-                    "Malformed records: raise (stop with file:line) or skip them and count them.")
+  flags.DEFINE_string(
+    "template",
+    "{prompt}{response}",
+    "How a best-of-n record's prompt and response are joined into one text.",
+  )
+  flags.DEFINE_boolean(
+    "apply_temperature",
+    False,
+    "Divide rewards by the temperature stored in the model dir / workdir "
+    "(temperature.json, written by `jaxpref.eval --fit_temperature`).",
+  )
+  flags.DEFINE_enum(
+    "on_error",
+    "raise",
+    ["raise", "skip"],
+    "Malformed records: raise (stop with file:line) or skip them and count them.",
+  )
   flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+
 
 TEMPERATURE_FILE = "temperature.json"
 
@@ -51,8 +66,10 @@ TEMPERATURE_FILE = "temperature.json"
 def read_temperature(model_dir: str | Path) -> float:
   path = Path(model_dir) / TEMPERATURE_FILE
   if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: run `python -m jaxpref.eval ... "
-                            "--fit_temperature` first, or drop --apply_temperature")
+    raise FileNotFoundError(
+      f"{path} not found: run `python -m jaxpref.eval ... "
+      "--fit_temperature` first, or drop --apply_temperature"
+    )
   return float(json.loads(path.read_text())["temperature"])
 
 
@@ -70,10 +87,15 @@ def record_texts(record: Any, where: str, template: str) -> tuple[str, list[str]
       raise DataError(where, "'text' must be a string or a list of strings")
   elif "prompt" in record and "responses" in record:
     prompt, responses = record["prompt"], record["responses"]
-    if not isinstance(prompt, str) or not isinstance(responses, list) or not responses or not all(
-        isinstance(r, str) for r in responses):
-      raise DataError(where, "'prompt' must be a string and 'responses' a non-empty list of "
-                      "strings")
+    if (
+      not isinstance(prompt, str)
+      or not isinstance(responses, list)
+      or not responses
+      or not all(isinstance(r, str) for r in responses)
+    ):
+      raise DataError(
+        where, "'prompt' must be a string and 'responses' a non-empty list of strings"
+      )
     texts = [template.format(prompt=prompt, response=r) for r in responses]
     kind = "best_of_n"
   else:
@@ -86,6 +108,7 @@ def record_texts(record: Any, where: str, template: str) -> tuple[str, list[str]
 def read_records(path: str, on_error: str) -> tuple[list[tuple[int, dict]], Counter]:
   """Parsed records with their line numbers; skipped lines counted by reason."""
   import gzip
+
   opener = gzip.open if path.endswith(".gz") else open
   records, skipped = [], Counter()
   if not Path(path).is_file():
@@ -103,9 +126,18 @@ def read_records(path: str, on_error: str) -> tuple[list[tuple[int, dict]], Coun
   return records, skipped
 
 
-def score_records(scorer, tokenizer, records, *, max_length: int, template: str, on_error: str,
-                  source: str, temperature: float = 1.0, progress: bool = False
-                  ) -> tuple[list[dict], Counter]:
+def score_records(
+  scorer,
+  tokenizer,
+  records,
+  *,
+  max_length: int,
+  template: str,
+  on_error: str,
+  source: str,
+  temperature: float = 1.0,
+  progress: bool = False,
+) -> tuple[list[dict], Counter]:
   """Adds rewards to each record (see module docstring); returns the output records and skips."""
   skipped: Counter = Counter()
   parsed = []
@@ -122,7 +154,7 @@ def score_records(scorer, tokenizer, records, *, max_length: int, template: str,
   rewards = scorer.score_token_ids(encoded, progress=progress) / temperature
   outputs, offset = [], 0
   for record, kind, texts in parsed:
-    values = [float(r) for r in rewards[offset:offset + len(texts)]]
+    values = [float(r) for r in rewards[offset : offset + len(texts)]]
     offset += len(texts)
     out = dict(record)
     if kind == "single":
@@ -145,26 +177,38 @@ def main(argv) -> None:
   from jaxpref.model_source import load_for_inference
   from jaxpref.scoring import Scorer
 
-  cfg, params, tokenizer_path, step = load_for_inference(model=FLAGS.model, workdir=FLAGS.workdir,
-                                                         step=FLAGS.step)
+  cfg, params, tokenizer_path, step = load_for_inference(
+    model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step
+  )
   tokenizer = load_tokenizer(tokenizer_path)
   max_length = FLAGS.max_length or default_max_length(tokenizer, cfg)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  scorer = Scorer(cfg, params, batch_size=FLAGS.batch_size, max_length=max_length,
-                  pad_token_id=pad_id)
+  scorer = Scorer(
+    cfg, params, batch_size=FLAGS.batch_size, max_length=max_length, pad_token_id=pad_id
+  )
   temperature = read_temperature(FLAGS.model or FLAGS.workdir) if FLAGS.apply_temperature else 1.0
   records, skipped = read_records(FLAGS.data, FLAGS.on_error)
   outputs, more_skipped = score_records(
-      scorer, tokenizer, records, max_length=max_length, template=FLAGS.template,
-      on_error=FLAGS.on_error, source=FLAGS.data, temperature=temperature,
-      progress=FLAGS.progress and len(records) > 64)
+    scorer,
+    tokenizer,
+    records,
+    max_length=max_length,
+    template=FLAGS.template,
+    on_error=FLAGS.on_error,
+    source=FLAGS.data,
+    temperature=temperature,
+    progress=FLAGS.progress and len(records) > 64,
+  )
   skipped.update(more_skipped)
   Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
   with open(FLAGS.output, "w", encoding="utf-8") as f:
     for out in outputs:
       f.write(json.dumps(out, ensure_ascii=False) + "\n")
-  summary = {"read": len(records) + skipped["invalid_json"], "scored": len(outputs),
-             "skipped": dict(skipped)}
+  summary = {
+    "read": len(records) + skipped["invalid_json"],
+    "scored": len(outputs),
+    "skipped": dict(skipped),
+  }
   print(f"jaxpref.score: {json.dumps(summary)} -> {FLAGS.output}", file=sys.stderr)
 
 
@@ -175,5 +219,7 @@ def default_max_length(tokenizer, cfg) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: cli.run_main("jaxpref.score", main, argv),
-          flags_parser=cli.parse_flags_or_exit("jaxpref.score"))
+  app.run(
+    lambda argv: cli.run_main("jaxpref.score", main, argv),
+    flags_parser=cli.parse_flags_or_exit("jaxpref.score"),
+  )

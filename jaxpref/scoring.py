@@ -18,8 +18,9 @@ from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
 
 
-def score_fn(cfg: ModelConfig, params, input_ids_bnl: jax.Array,
-             attention_mask_bnl: jax.Array) -> tuple[jax.Array, jax.Array]:
+def score_fn(
+  cfg: ModelConfig, params, input_ids_bnl: jax.Array, attention_mask_bnl: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Rewards of every response of every item.
 
   Args:
@@ -35,8 +36,9 @@ def score_fn(cfg: ModelConfig, params, input_ids_bnl: jax.Array,
   if squeeze:
     input_ids_bnl, attention_mask_bnl = input_ids_bnl[:, None], attention_mask_bnl[:, None]
   b, n, length = input_ids_bnl.shape
-  outputs = reward_model.apply(cfg, params, input_ids_bnl.reshape(b * n, length),
-                               attention_mask_bnl.reshape(b * n, length))
+  outputs = reward_model.apply(
+    cfg, params, input_ids_bnl.reshape(b * n, length), attention_mask_bnl.reshape(b * n, length)
+  )
   rewards_bn = outputs["rewards"].reshape(b, n)
   pooled_bnd = outputs["pooled"].reshape(b, n, -1)
   if squeeze:
@@ -44,17 +46,25 @@ def score_fn(cfg: ModelConfig, params, input_ids_bnl: jax.Array,
   return rewards_bn, pooled_bnd
 
 
-def score_batch(cfg: ModelConfig, params, batch: dict[str, jax.Array]
-                ) -> tuple[jax.Array, jax.Array]:
+def score_batch(
+  cfg: ModelConfig, params, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
   """`score_fn` on a training batch, padded ([B, N, L]) or packed (`jaxpref.data.packing`)."""
   if "packed_input_ids" not in batch:
     return score_fn(cfg, params, batch["input_ids"], batch["attention_mask"])
   b, n = batch["scores"].shape
   segment_ids_rl = batch["packed_segment_ids"]
   outputs = reward_model.apply(
-      cfg, params, batch["packed_input_ids"], (segment_ids_rl > 0).astype(jnp.int32),
-      packed={"segment_ids": segment_ids_rl, "positions": batch["packed_positions"],
-              "last_index": batch["packed_last_index"]})
+    cfg,
+    params,
+    batch["packed_input_ids"],
+    (segment_ids_rl > 0).astype(jnp.int32),
+    packed={
+      "segment_ids": segment_ids_rl,
+      "positions": batch["packed_positions"],
+      "last_index": batch["packed_last_index"],
+    },
+  )
   return outputs["rewards"].reshape(b, n), outputs["pooled"].reshape(b, n, -1)
 
 
@@ -96,9 +106,17 @@ class Scorer:
   bucket, so the number of compilations is at most the number of buckets.
   """
 
-  def __init__(self, cfg: ModelConfig, params, *, batch_size: int = 16, max_length: int = 512,
-               buckets: Sequence[int] | None = None, pad_token_id: int = 0,
-               padding_side: str = "right"):
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    params,
+    *,
+    batch_size: int = 16,
+    max_length: int = 512,
+    buckets: Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    padding_side: str = "right",
+  ):
     self.cfg, self.params = cfg, params
     self.batch_size = batch_size
     self.buckets = tuple(buckets) if buckets else default_buckets(max_length)
@@ -119,8 +137,9 @@ class Scorer:
       mask_bl[row, span] = 1
     return ids_bl, mask_bl
 
-  def score_token_ids(self, sequences: Sequence[Sequence[int]], *, progress: bool = False
-                      ) -> np.ndarray:
+  def score_token_ids(
+    self, sequences: Sequence[Sequence[int]], *, progress: bool = False
+  ) -> np.ndarray:
     """Rewards (float32, input order) for a list of token-id sequences."""
     if not sequences:
       return np.zeros((0,), np.float32)
@@ -131,16 +150,18 @@ class Scorer:
     batches: Iterable = range(0, len(order), self.batch_size)
     if progress:
       from tqdm.auto import tqdm
+
       batches = tqdm(batches, desc="scoring", unit="batch", total=-(-len(order) // self.batch_size))
     for start in batches:
-      index = order[start:start + self.batch_size]
+      index = order[start : start + self.batch_size]
       ids_bl, mask_bl = self._pad_batch([sequences[i] for i in index])
       rewards_b, _ = self._fn(self.params, jnp.asarray(ids_bl), jnp.asarray(mask_bl))
-      rewards[index] = np.asarray(rewards_b)[:len(index)]
+      rewards[index] = np.asarray(rewards_b)[: len(index)]
     return rewards
 
   def score_batch(self, input_ids_bnl: np.ndarray, attention_mask_bnl: np.ndarray) -> np.ndarray:
     """Rewards [B, N] of an already padded preference batch."""
-    rewards_bn, _ = self._fn(self.params, jnp.asarray(input_ids_bnl),
-                             jnp.asarray(attention_mask_bnl))
+    rewards_bn, _ = self._fn(
+      self.params, jnp.asarray(input_ids_bnl), jnp.asarray(attention_mask_bnl)
+    )
     return np.asarray(rewards_bn)

@@ -21,15 +21,15 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # logical name -> mesh axes it is split over (None: replicated). Parameters are split over `fsdp`
 # along `embed` (ZeRO-3 style) and over `tensor` along heads / mlp / vocab (Megatron style).
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("length", None),
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("layers", None),
+  ("length", None),
 )
 
 
@@ -51,13 +51,15 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
     raise MeshError(
-        f"mesh.data x mesh.fsdp x mesh.tensor = {math.prod(sizes)} but there are {num_devices} "
-        "devices; use -1 for one axis to take the remaining devices")
+      f"mesh.data x mesh.fsdp x mesh.tensor = {math.prod(sizes)} but there are {num_devices} "
+      "devices; use -1 for one axis to take the remaining devices"
+    )
   return tuple(sizes)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A `(data, fsdp, tensor)` mesh over all (or the given) devices."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(data, fsdp, tensor, len(devices))
@@ -82,8 +84,12 @@ def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:
   raise MeshError(f"logical axis {name!r} has no entry in the sharding rules")
 
 
-def logical_to_mesh_spec(logical_spec: PartitionSpec | Sequence[str | None], shape: Sequence[int],
-                         mesh: Mesh, rules=LOGICAL_RULES) -> PartitionSpec:
+def logical_to_mesh_spec(
+  logical_spec: PartitionSpec | Sequence[str | None],
+  shape: Sequence[int],
+  mesh: Mesh,
+  rules=LOGICAL_RULES,
+) -> PartitionSpec:
   """Maps one array's logical axis names to a mesh PartitionSpec, replicating what does not divide.
 
   A mesh axis is used at most once per array (the first logical axis that claims it wins).
@@ -103,10 +109,10 @@ def logical_to_mesh_spec(logical_spec: PartitionSpec | Sequence[str | None], sha
 def tree_shardings(abstract_tree, logical_specs_tree, mesh: Mesh, rules=LOGICAL_RULES):
   """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) given its logical specs."""
   return jax.tree.map(
-      lambda x, spec: NamedSharding(mesh, logical_to_mesh_spec(spec, x.shape, mesh, rules)),
-      abstract_tree,
-      logical_specs_tree,
-      is_leaf=lambda x: isinstance(x, PartitionSpec),
+    lambda x, spec: NamedSharding(mesh, logical_to_mesh_spec(spec, x.shape, mesh, rules)),
+    abstract_tree,
+    logical_specs_tree,
+    is_leaf=lambda x: isinstance(x, PartitionSpec),
   )
 
 

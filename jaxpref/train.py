@@ -16,8 +16,12 @@ from jaxpref import cli
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the effective config.")
-flags.DEFINE_enum("on_error", None, ["raise", "skip"],
-                  "Bad data records: raise (default) or skip and count (overrides data.on_error).")
+flags.DEFINE_enum(
+  "on_error",
+  None,
+  ["raise", "skip"],
+  "Bad data records: raise (default) or skip and count (overrides data.on_error).",
+)
 cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -27,6 +31,7 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.initialize_distributed()
   from jaxpref import trainer
+
   config = FLAGS.config
   if FLAGS.on_error:
     config.data.on_error = FLAGS.on_error
@@ -39,5 +44,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run_main("jaxpref.train", main, argv),
-          flags_parser=cli.parse_flags_or_exit("jaxpref.train"))
+  app.run(
+    lambda argv: cli.run_main("jaxpref.train", main, argv),
+    flags_parser=cli.parse_flags_or_exit("jaxpref.train"),
+  )

@@ -67,8 +67,9 @@ def _with_token_ids(cfg: ModelConfig, tokenizer) -> ModelConfig:
   if cfg.eos_token_id is None and tokenizer.eos_token_id is not None:
     changes["eos_token_id"] = int(tokenizer.eos_token_id)
   if len(tokenizer) > cfg.vocab_size:
-    raise DataConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
-                          f"{cfg.vocab_size}")
+    raise DataConfigError(
+      f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is {cfg.vocab_size}"
+    )
   return cfg.replace(**changes) if changes else cfg
 
 
@@ -77,18 +78,23 @@ def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainD
   data = config.data
   tokenizer_path = data.tokenizer or config.model.path
   if not tokenizer_path:
-    raise DataConfigError("no tokenizer: set data.tokenizer (an HF dir or tokenizer.json) or "
-                          "model.path")
+    raise DataConfigError(
+      "no tokenizer: set data.tokenizer (an HF dir or tokenizer.json) or model.path"
+    )
   tokenizer = tokenize.load_tokenizer(tokenizer_path)
   model_cfg = _with_token_ids(model_cfg, tokenizer)
 
   summary = DataSummary()
   train_items, eval_items = {}, {}
   for name, path in task_files(data):
-    items, file_summary = reader.read_preferences(path, format=data.format,
-                                                  on_error=data.on_error,
-                                                  on_tie=data.on_tie or None, task=name,
-                                                  tokenizer=tokenizer)
+    items, file_summary = reader.read_preferences(
+      path,
+      format=data.format,
+      on_error=data.on_error,
+      on_tie=data.on_tie or None,
+      task=name,
+      tokenizer=tokenizer,
+    )
     summary = summary.merge(file_summary)
     if not items:
       raise DataConfigError(f"{path}: no usable preference items")
@@ -98,29 +104,38 @@ def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainD
         raise DataConfigError(f"task {task!r} comes from two files; set data.task_names")
       train, held_out = splits.split_items(task_items, data.eval_fraction, seed=data.split_seed)
       train_items[task], eval_items[task] = train, held_out
-      logging.info("task %s: %d train / %d eval items from %s", task, len(train),
-                   len(held_out), path)
+      logging.info(
+        "task %s: %d train / %d eval items from %s", task, len(train), len(held_out), path
+      )
   task_names = select_tasks(list(train_items), data.tasks)
   train_pipeline = pipeline.build_train_pipeline(
-      [train_items[t] for t in task_names], tokenizer,
-      global_batch_size=config.train.batch_size,
-      max_length=data.max_length,
-      mixing=data.mixing,
-      resampling_size=data.resampling_size or None,
-      seed=config.train.seed,
-      num_steps=config.train.steps or None,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      truncation_side=data.truncation_side,
-      buckets=tokenize.length_buckets(data.max_length, data.min_bucket, data.bucket_multiple),
+    [train_items[t] for t in task_names],
+    tokenizer,
+    global_batch_size=config.train.batch_size,
+    max_length=data.max_length,
+    mixing=data.mixing,
+    resampling_size=data.resampling_size or None,
+    seed=config.train.seed,
+    num_steps=config.train.steps or None,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    truncation_side=data.truncation_side,
+    buckets=tokenize.length_buckets(data.max_length, data.min_bucket, data.bucket_multiple),
   )
-  return TrainData(task_names=task_names, tokenizer=tokenizer, train_pipeline=train_pipeline,
-                   eval_items={t: eval_items[t] for t in task_names},
-                   num_steps=train_pipeline.num_steps, summary=summary, model_cfg=model_cfg)
+  return TrainData(
+    task_names=task_names,
+    tokenizer=tokenizer,
+    train_pipeline=train_pipeline,
+    eval_items={t: eval_items[t] for t in task_names},
+    num_steps=train_pipeline.num_steps,
+    summary=summary,
+    model_cfg=model_cfg,
+  )
 
 
-def pack_local_batch(local_batch: dict[str, np.ndarray], row_length: int,
-                     mesh: Mesh) -> dict[str, np.ndarray]:
+def pack_local_batch(
+  local_batch: dict[str, np.ndarray], row_length: int, mesh: Mesh
+) -> dict[str, np.ndarray]:
   """This process's part of a packed global batch (see `jaxpref.data.packing`).
 
   Every process must hold the same number of rows, so the count is agreed (the maximum over
@@ -131,13 +146,17 @@ def pack_local_batch(local_batch: dict[str, np.ndarray], row_length: int,
   rows = packing.rows_needed(local_batch, row_length)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     rows = int(np.max(multihost_utils.process_allgather(np.int32(rows))))
   rows = -(-rows // per_process) * per_process
   # Where this process's rows sit in the global array: the first row of its devices' shards.
   global_shape = (rows * jax.process_count(), row_length)
   index_map = sharding.batch_sharding(mesh, global_shape).devices_indices_map(global_shape)
-  offset = min(index[0].start or 0 for device, index in index_map.items()
-               if device.process_index == jax.process_index())
+  offset = min(
+    index[0].start or 0
+    for device, index in index_map.items()
+    if device.process_index == jax.process_index()
+  )
   return packing.pack_batch(local_batch, row_length=row_length, num_rows=rows, row_offset=offset)
 
 
@@ -149,5 +168,6 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
       continue
     global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
     out[name] = jax.make_array_from_process_local_data(
-        sharding.batch_sharding(mesh, global_shape), local, global_shape)
+      sharding.batch_sharding(mesh, global_shape), local, global_shape
+    )
   return out

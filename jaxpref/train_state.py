@@ -45,31 +45,45 @@ def learning_rate_schedule(train: ml_collections.ConfigDict, total_steps: int) -
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def make_optimizer(train: ml_collections.ConfigDict, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  train: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with gradient clipping; weight decay skips biases and norm scales (1-d parameters)."""
   schedule = learning_rate_schedule(train, total_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   chain = []
   if train.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(train.grad_clip))
-  chain.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps,
-                           weight_decay=train.weight_decay, mask=decay_mask))
+  chain.append(
+    optax.adamw(
+      schedule,
+      b1=train.b1,
+      b2=train.b2,
+      eps=train.eps,
+      weight_decay=train.weight_decay,
+      mask=decay_mask,
+    )
+  )
   return optax.chain(*chain), schedule
 
 
-def init_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, num_tasks: int,
-               rng: jax.Array, params=None) -> TrainState:
+def init_state(
+  model_cfg: ModelConfig,
+  optimizer: optax.GradientTransformation,
+  num_tasks: int,
+  rng: jax.Array,
+  params=None,
+) -> TrainState:
   """A fresh state; random parameters unless `params` is given."""
   init_rng, state_rng = jax.random.split(rng)
   if params is None:
     params = reward_model.init_params(model_cfg, init_rng)
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=optimizer.init(params),
-      objective=objectives.init_objective_state(num_tasks, model_cfg.hidden_size),
-      rng=state_rng,
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    objective=objectives.init_objective_state(num_tasks, model_cfg.hidden_size),
+    rng=state_rng,
   )
 
 
@@ -80,10 +94,11 @@ def state_shardings(model_cfg: ModelConfig, abstract_state: TrainState, mesh: Me
   param_shardings = sharding.tree_shardings(abstract_state.params, param_specs, mesh)
   replicated = sharding.replicated(mesh)
   by_path = {
-      _path_key(path): (leaf.shape, param_sharding)
-      for (path, leaf), param_sharding in zip(
-          jax.tree_util.tree_flatten_with_path(abstract_state.params)[0],
-          jax.tree.leaves(param_shardings))
+    _path_key(path): (leaf.shape, param_sharding)
+    for (path, leaf), param_sharding in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_state.params)[0],
+      jax.tree.leaves(param_shardings),
+    )
   }
 
   def opt_leaf_sharding(path, leaf):
@@ -98,11 +113,11 @@ def state_shardings(model_cfg: ModelConfig, abstract_state: TrainState, mesh: Me
 
   opt_shardings = jax.tree_util.tree_map_with_path(opt_leaf_sharding, abstract_state.opt_state)
   return TrainState(
-      step=replicated,
-      params=param_shardings,
-      opt_state=opt_shardings,
-      objective=jax.tree.map(lambda _: replicated, abstract_state.objective),
-      rng=replicated,
+    step=replicated,
+    params=param_shardings,
+    opt_state=opt_shardings,
+    objective=jax.tree.map(lambda _: replicated, abstract_state.objective),
+    rng=replicated,
   )
 
 

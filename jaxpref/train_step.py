@@ -21,12 +21,25 @@ from jaxpref.train_state import TrainState
 Batch = dict[str, jax.Array]
 
 
-def _loss_fn(params, objective_state, batch: Batch, *, model_cfg: ModelConfig,
-             loss_cfg: objectives.LossConfig, num_tasks: int):
+def _loss_fn(
+  params,
+  objective_state,
+  batch: Batch,
+  *,
+  model_cfg: ModelConfig,
+  loss_cfg: objectives.LossConfig,
+  num_tasks: int,
+):
   rewards_bn, pooled_bnd = scoring.score_batch(model_cfg, params, batch)
   loss, (new_objective_state, metrics) = objectives.objective_loss(
-      loss_cfg, objective_state, rewards_bn, batch["scores"], batch["task_ids"], pooled_bnd,
-      num_tasks=num_tasks)
+    loss_cfg,
+    objective_state,
+    rewards_bn,
+    batch["scores"],
+    batch["task_ids"],
+    pooled_bnd,
+    num_tasks=num_tasks,
+  )
   return loss, (new_objective_state, metrics)
 
 
@@ -34,20 +47,31 @@ def _split_microbatches(batch: Batch, num_micro: int) -> Batch:
   # Rows are interleaved (row r goes to micro-batch r % num_micro) so that a batch laid out task by
   # task still gives every micro-batch items of every task.
   return jax.tree.map(
-      lambda x: x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1), batch)
+    lambda x: x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1), batch
+  )
 
 
-def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig,
-               loss_cfg: objectives.LossConfig, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, num_tasks: int, grad_accum_steps: int = 1
-               ) -> tuple[TrainState, dict[str, Any]]:
+def train_step(
+  state: TrainState,
+  batch: Batch,
+  *,
+  model_cfg: ModelConfig,
+  loss_cfg: objectives.LossConfig,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  num_tasks: int,
+  grad_accum_steps: int = 1,
+) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer update on one global batch (see module docstring)."""
   grad_fn = jax.value_and_grad(
-      functools.partial(_loss_fn, model_cfg=model_cfg, loss_cfg=loss_cfg, num_tasks=num_tasks),
-      has_aux=True)
+    functools.partial(_loss_fn, model_cfg=model_cfg, loss_cfg=loss_cfg, num_tasks=num_tasks),
+    has_aux=True,
+  )
   if grad_accum_steps > 1 and "packed_input_ids" in batch:
-    raise ValueError("data.packing does not support train.grad_accum_steps > 1 (packed rows do "
-                     "not split into micro-batches of whole items); use one or the other")
+    raise ValueError(
+      "data.packing does not support train.grad_accum_steps > 1 (packed rows do "
+      "not split into micro-batches of whole items); use one or the other"
+    )
   if grad_accum_steps == 1:
     (loss, (objective_state, metrics)), grads = grad_fn(state.params, state.objective, batch)
   else:
@@ -55,22 +79,25 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig,
 
     def accumulate(carry, micro_batch):
       grads_sum, objective_state = carry
-      (loss, (objective_state, metrics)), grads = grad_fn(state.params, objective_state,
-                                                          micro_batch)
+      (loss, (objective_state, metrics)), grads = grad_fn(
+        state.params, objective_state, micro_batch
+      )
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
       return (grads_sum, objective_state), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, objective_state), (losses, metrics_m) = jax.lax.scan(
-        accumulate, (zeros, state.objective), micro)
+      accumulate, (zeros, state.objective), micro
+    )
     grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     loss = losses.mean()
     metrics = jax.tree.map(lambda m: m.mean(0), metrics_m)
 
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            objective=objective_state)
+  new_state = state.replace(
+    step=state.step + 1, params=params, opt_state=opt_state, objective=objective_state
+  )
   metrics = dict(metrics)
   metrics["loss"] = loss
   metrics["grad_norm"] = optax.global_norm(grads)

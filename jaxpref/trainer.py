@@ -44,6 +44,7 @@ class _StopRequest:
       del frame
       logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
       self.requested = True
+
     try:
       self._previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # Not the main thread (e.g. a notebook worker thread): no handler.
@@ -64,8 +65,10 @@ class _StopRequest:
 def _check_config(config: ml_collections.ConfigDict, mesh, model_cfg) -> None:
   if config.data.packing:
     if config.train.grad_accum_steps > 1:
-      raise TrainingError("data.packing=True does not support train.grad_accum_steps > 1 (packed "
-                          "rows do not split into micro-batches of whole items)")
+      raise TrainingError(
+        "data.packing=True does not support train.grad_accum_steps > 1 (packed "
+        "rows do not split into micro-batches of whole items)"
+      )
     try:
       reward_model.check_packable(model_cfg)
     except ValueError as e:
@@ -73,15 +76,21 @@ def _check_config(config: ml_collections.ConfigDict, mesh, model_cfg) -> None:
   multiple = sharding.global_batch_size_multiple(mesh) * config.train.grad_accum_steps
   if config.train.batch_size % config.train.grad_accum_steps:
     raise TrainingError(
-        f"train.batch_size={config.train.batch_size} is not divisible by "
-        f"train.grad_accum_steps={config.train.grad_accum_steps}")
+      f"train.batch_size={config.train.batch_size} is not divisible by "
+      f"train.grad_accum_steps={config.train.grad_accum_steps}"
+    )
   if config.train.batch_size % jax.process_count():
-    raise TrainingError(f"train.batch_size={config.train.batch_size} is not divisible by the "
-                        f"{jax.process_count()} processes")
+    raise TrainingError(
+      f"train.batch_size={config.train.batch_size} is not divisible by the "
+      f"{jax.process_count()} processes"
+    )
   if config.train.batch_size % multiple:
-    logging.warning("train.batch_size=%d is not a multiple of data x fsdp x grad_accum = %d: the "
-                    "batch axis will be replicated rather than split.", config.train.batch_size,
-                    multiple)
+    logging.warning(
+      "train.batch_size=%d is not a multiple of data x fsdp x grad_accum = %d: the "
+      "batch axis will be replicated rather than split.",
+      config.train.batch_size,
+      multiple,
+    )
 
 
 def _save_run_files(config: ml_collections.ConfigDict, workdir: Path, model_cfg, tokenizer) -> None:
@@ -99,8 +108,10 @@ def _host_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, *,
-    on_final_eval: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  *,
+  on_final_eval: Callable[[dict[str, dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
   """Trains (or resumes) a reward model as `config` says; returns the last logged metrics.
 
@@ -118,9 +129,12 @@ def train_and_evaluate(
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
   loss_cfg = objectives.LossConfig(
-      kind=config.loss.kind, more_alpha=config.loss.more_alpha,
-      more_normalize=config.loss.more_normalize, margin=config.loss.margin,
-      center_rewards_coef=config.loss.center_rewards_coef)
+    kind=config.loss.kind,
+    more_alpha=config.loss.more_alpha,
+    more_normalize=config.loss.more_normalize,
+    margin=config.loss.margin,
+    center_rewards_coef=config.loss.center_rewards_coef,
+  )
 
   # --- Model and data. ------------------------------------------------------------------------
   model_cfg, loaded_params = load_model(config.model, seed=config.train.seed)
@@ -129,14 +143,19 @@ def train_and_evaluate(
   num_tasks = len(data.task_names)
   _save_run_files(config, workdir, model_cfg, data.tokenizer)
   total_steps = data.num_steps
-  logging.info("Tasks %s; %d train steps of %d items", data.task_names, total_steps,
-               config.train.batch_size)
+  logging.info(
+    "Tasks %s; %d train steps of %d items", data.task_names, total_steps, config.train.batch_size
+  )
 
   # --- Mesh and sharded state. ----------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   _check_config(config, mesh, model_cfg)
-  logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
+  logging.info(
+    "Mesh %s over %d devices (%d processes)",
+    dict(mesh.shape),
+    jax.device_count(),
+    jax.process_count(),
+  )
   optimizer, schedule = train_state.make_optimizer(config.train, total_steps)
   rng = jax.random.PRNGKey(config.train.seed)
   init_fn = functools.partial(train_state.init_state, model_cfg, optimizer, num_tasks)
@@ -150,9 +169,12 @@ def train_and_evaluate(
     state = jax.jit(lambda r, p: init_fn(r, params=p), out_shardings=state_shardings)(rng, params)
     del loaded_params, params
 
-  manager = checkpointing.make_manager(workdir, every_steps=config.checkpoint.every_steps,
-                                       keep=config.checkpoint.keep,
-                                       async_save=config.checkpoint.async_save)
+  manager = checkpointing.make_manager(
+    workdir,
+    every_steps=config.checkpoint.every_steps,
+    keep=config.checkpoint.keep,
+    async_save=config.checkpoint.async_save,
+  )
   pipeline = data.train_pipeline
   if manager.latest_step() is not None:
     abstract = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
@@ -162,18 +184,28 @@ def train_and_evaluate(
   step = int(jax.device_get(state.step))
 
   step_fn = jax.jit(
-      functools.partial(train_step, model_cfg=model_cfg, loss_cfg=loss_cfg, optimizer=optimizer,
-                        schedule=schedule, num_tasks=num_tasks,
-                        grad_accum_steps=config.train.grad_accum_steps),
-      in_shardings=(state_shardings, None),
-      out_shardings=(state_shardings, None),
-      donate_argnums=0,
+    functools.partial(
+      train_step,
+      model_cfg=model_cfg,
+      loss_cfg=loss_cfg,
+      optimizer=optimizer,
+      schedule=schedule,
+      num_tasks=num_tasks,
+      grad_accum_steps=config.train.grad_accum_steps,
+    ),
+    in_shardings=(state_shardings, None),
+    out_shardings=(state_shardings, None),
+    donate_argnums=0,
   )
-  evaluator = evaluation.TrainEvaluator(model_cfg, data.eval_items, data.tokenizer,
-                                        batch_size=config.eval.batch_size,
-                                        max_length=config.data.max_length,
-                                        min_bucket=config.data.min_bucket,
-                                        truncation_side=config.data.truncation_side)
+  evaluator = evaluation.TrainEvaluator(
+    model_cfg,
+    data.eval_items,
+    data.tokenizer,
+    batch_size=config.eval.batch_size,
+    max_length=config.data.max_length,
+    min_bucket=config.data.min_bucket,
+    truncation_side=config.data.truncation_side,
+  )
 
   # --- The loop. ------------------------------------------------------------------------------
   writer = MetricsWriter(workdir)
@@ -182,6 +214,7 @@ def train_and_evaluate(
   progress = None
   if jax.process_index() == 0 and step < total_steps:
     from tqdm.auto import tqdm
+
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step")
   window_start, window_tokens, window_steps, window_flops = time.perf_counter(), 0.0, 0, 0.0
   device_kind = jax.devices()[0].device_kind
@@ -194,7 +227,8 @@ def train_and_evaluate(
       local_batch = next(pipeline)
       # Model FLOPs of the global batch, estimated from this process's share of it.
       window_flops += jax.process_count() * flops.train_flops(
-          model_cfg, local_batch["attention_mask"].sum(-1).ravel())
+        model_cfg, local_batch["attention_mask"].sum(-1).ravel()
+      )
       if config.data.packing:
         local_batch = train_data.pack_local_batch(local_batch, config.data.max_length, mesh)
       batch = train_data.global_batch(local_batch, mesh)
@@ -206,9 +240,10 @@ def train_and_evaluate(
       if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         loss = loss if not math.isfinite(loss) else grad_norm
         raise TrainingError(
-            f"loss became {loss} at step {step}; stopping. The last good checkpoint "
-            f"(step {manager.latest_step()}) in {checkpointing.checkpoint_dir(workdir)} is kept; "
-            "lower train.learning_rate or check the data.")
+          f"loss became {loss} at step {step}; stopping. The last good checkpoint "
+          f"(step {manager.latest_step()}) in {checkpointing.checkpoint_dir(workdir)} is kept; "
+          "lower train.learning_rate or check the data."
+        )
       window_steps += 1
       window_tokens += float(metrics["tokens"])
       if progress is not None:

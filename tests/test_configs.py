@@ -37,24 +37,32 @@ def test_config_builds_abstract_state(path):
   config = load_config(path)
   # Paper configs point at checkpoints the user fills in; their preset gives the shapes.
   model_cfg = model_source.model_config_from_config(config.model)
-  objectives.LossConfig(kind=config.loss.kind, more_alpha=config.loss.more_alpha,
-                        more_normalize=config.loss.more_normalize)
+  objectives.LossConfig(
+    kind=config.loss.kind,
+    more_alpha=config.loss.more_alpha,
+    more_normalize=config.loss.more_normalize,
+  )
   optimizer, _ = train_state.make_optimizer(config.train, total_steps=100)
   num_tasks = max(1, len([f for f in config.data.files.split(",") if f]))
   abstract = jax.eval_shape(
-      lambda rng: train_state.init_state(model_cfg, optimizer, num_tasks, rng),
-      jax.random.PRNGKey(0))
+    lambda rng: train_state.init_state(model_cfg, optimizer, num_tasks, rng), jax.random.PRNGKey(0)
+  )
   n_params = reward_model.count_params(abstract.params)
   assert n_params > 0
   if config.model.preset:
-    expected = {"pythia-1.4b": 1.31e9, "pythia-2.8b": 2.65e9, "llama-2-7b": 6.61e9,
-                "llama-2-13b": 12.85e9}[config.model.preset]
+    expected = {
+      "pythia-1.4b": 1.31e9,
+      "pythia-2.8b": 2.65e9,
+      "llama-2-7b": 6.61e9,
+      "llama-2-13b": 12.85e9,
+    }[config.model.preset]
     assert abs(n_params - expected) / expected < 0.03, n_params
   assert config.loss.kind in ("ranking", "multitask", "more")
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if p.name.startswith("paper_")],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+  "path", [p for p in CONFIG_FILES if p.name.startswith("paper_")], ids=lambda p: p.name
+)
 def test_paper_configs_follow_the_paper(path):
   config = load_config(path)
   assert config.train.batch_size == 80

@@ -17,7 +17,8 @@ def _paper_ece(probs, labels, n_bins):
   edges = np.linspace(0, 1, n_bins + 1)
   ids = np.searchsorted(edges[1:-1], probs)
   return sum(abs(probs[ids == b].sum() - labels[ids == b].sum()) for b in range(n_bins)) / len(
-      probs)
+    probs
+  )
 
 
 @pytest.mark.parity
@@ -29,9 +30,16 @@ def test_eval_cli_matches_transformers(tmp_path, gpt2_tokenizer_file, preference
   torch.manual_seed(0)
   # pad_token_id differs from EOS (50256): see the comment below.
   config = transformers.GPTNeoXConfig(
-      vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-      intermediate_size=64, rotary_pct=0.25, num_labels=1, pad_token_id=50300,
-      initializer_range=0.2)
+    vocab_size=50304,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    rotary_pct=0.25,
+    num_labels=1,
+    pad_token_id=50300,
+    initializer_range=0.2,
+  )
   model = transformers.GPTNeoXForSequenceClassification(config).eval()
   hf_dir = tmp_path / "hf"
   model.save_pretrained(hf_dir)
@@ -43,9 +51,22 @@ def test_eval_cli_matches_transformers(tmp_path, gpt2_tokenizer_file, preference
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = tmp_path / "eval"
   proc = subprocess.run(
-      [sys.executable, "-m", "jaxpref.eval", f"--model={hf_dir}", f"--data={data}",
-       f"--output={out}", "--max_length=64", "--n_bootstrap=0", "--batch_size=8"],
-      env=th.env_with(), cwd=th.REPO, capture_output=True, text=True)
+    [
+      sys.executable,
+      "-m",
+      "jaxpref.eval",
+      f"--model={hf_dir}",
+      f"--data={data}",
+      f"--output={out}",
+      "--max_length=64",
+      "--n_bootstrap=0",
+      "--batch_size=8",
+    ],
+    env=th.env_with(),
+    cwd=th.REPO,
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((out / "report.json").read_text())["helpful_small"]
 

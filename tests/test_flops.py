@@ -9,20 +9,33 @@ from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
 
 # One layer: XLA's cost analysis counts the body of the layer scan (a while loop) once.
-SIZE = dict(vocab_size=128, hidden_size=256, num_layers=1, num_heads=4, intermediate_size=1024,
-            max_position_embeddings=128)
+SIZE = dict(
+  vocab_size=128,
+  hidden_size=256,
+  num_layers=1,
+  num_heads=4,
+  intermediate_size=1024,
+  max_position_embeddings=128,
+)
 
 
-@pytest.mark.parametrize("cfg", [
-  ModelConfig(arch="gpt_neox", rotary_pct=0.25, attention="dense", **SIZE),
-  ModelConfig(arch="llama", num_kv_heads=2, hidden_act="silu", attention="dense", **SIZE),
-], ids=["gpt_neox", "llama_gqa"])
+@pytest.mark.parametrize(
+  "cfg",
+  [
+    ModelConfig(arch="gpt_neox", rotary_pct=0.25, attention="dense", **SIZE),
+    ModelConfig(arch="llama", num_kv_heads=2, hidden_act="silu", attention="dense", **SIZE),
+  ],
+  ids=["gpt_neox", "llama_gqa"],
+)
 def test_forward_flops_match_xla_cost_analysis(cfg):
   batch, length = 4, 64
   params = jax.eval_shape(lambda: reward_model.init_params(cfg, jax.random.key(0)))
   ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-  compiled = jax.jit(lambda p, i, m: reward_model.apply(cfg, p, i, m)["rewards"]).lower(
-    params, ids, ids).compile()
+  compiled = (
+    jax.jit(lambda p, i, m: reward_model.apply(cfg, p, i, m)["rewards"])
+    .lower(params, ids, ids)
+    .compile()
+  )
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   # Dense attention computes the full T x T product, as XLA counts it; elementwise work (norms,

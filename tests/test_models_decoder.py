@@ -135,8 +135,10 @@ def test_blocked_attention_equals_dense(model, left):
   assert np.isfinite(value) and float(blocked_value) == pytest.approx(float(value), abs=1e-5)
   real = np.asarray(mask, bool)[None, :, :, None]
   np.testing.assert_allclose(
-    np.where(real, blocked["hidden_states"], 0), np.where(real, dense["hidden_states"], 0),
-    atol=1e-5, rtol=1e-5,
+    np.where(real, blocked["hidden_states"], 0),
+    np.where(real, dense["hidden_states"], 0),
+    atol=1e-5,
+    rtol=1e-5,
   )
   for d, b in zip(jax.tree.leaves(dense_grads), jax.tree.leaves(blocked_grads)):
     assert np.isfinite(b).all()

@@ -19,7 +19,6 @@ def test_notebook_is_stored_without_outputs():
       assert not cell["outputs"] and cell["execution_count"] is None, f"cell {index} has outputs"
 
 
-
 @pytest.mark.usefixtures("preferences_dir")
 def test_notebook_runs(tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")

@@ -16,8 +16,15 @@ from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
 from jaxpref.train_step import train_step
 
-TINY = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
-            max_position_embeddings=64, initializer_range=0.2)
+TINY = dict(
+  vocab_size=97,
+  hidden_size=32,
+  num_layers=2,
+  num_heads=4,
+  intermediate_size=48,
+  max_position_embeddings=64,
+  initializer_range=0.2,
+)
 CONFIGS = {
   "gpt_neox": ModelConfig(arch="gpt_neox", rotary_pct=0.25, **TINY),
   "llama": ModelConfig(arch="llama", num_kv_heads=2, hidden_act="silu", **TINY),
@@ -33,8 +40,12 @@ def _batch(left: bool = False, length: int = 16, seed: int = 0) -> dict[str, np.
     mask_bnl = mask_bnl[..., ::-1].copy()
   ids_bnl = np.where(mask_bnl > 0, rng.integers(1, 97, mask_bnl.shape), 0).astype(np.int32)
   scores_bn = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0], [1.0, 0.0]], np.float32)
-  return {"input_ids": ids_bnl, "attention_mask": mask_bnl, "scores": scores_bn,
-          "task_ids": np.array([0, 1, 0, 1], np.int32)}
+  return {
+    "input_ids": ids_bnl,
+    "attention_mask": mask_bnl,
+    "scores": scores_bn,
+    "task_ids": np.array([0, 1, 0, 1], np.int32),
+  }
 
 
 @pytest.mark.parametrize("left", [False, True])
@@ -47,17 +58,18 @@ def test_pack_batch_keeps_every_sequence(left):
   assert ids_rl.shape[0] % 2 == 0 and ids_rl.shape[1] == 20
   assert ids_rl.shape[0] * 20 >= total and (seg_rl > 0).sum() == total
   flat_ids, flat_seg, flat_pos = ids_rl.ravel(), seg_rl.ravel(), pos_rl.ravel()
-  for s, (ids_l, mask_l) in enumerate(zip(batch["input_ids"].reshape(8, -1),
-                                          batch["attention_mask"].reshape(8, -1))):
+  for s, (ids_l, mask_l) in enumerate(
+    zip(batch["input_ids"].reshape(8, -1), batch["attention_mask"].reshape(8, -1))
+  ):
     want = ids_l[mask_l > 0]
     if len(want) == 0:
       assert last_s[s] == -1
       continue
     end = last_s[s] + 1
-    got = flat_ids[end - len(want):end]
+    got = flat_ids[end - len(want) : end]
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(flat_pos[end - len(want):end], np.arange(len(want)))
-    assert len(set(flat_seg[end - len(want):end])) == 1 and flat_seg[end - 1] > 0
+    np.testing.assert_array_equal(flat_pos[end - len(want) : end], np.arange(len(want)))
+    assert len(set(flat_seg[end - len(want) : end])) == 1 and flat_seg[end - 1] > 0
     # Nothing of the same segment just before the first token in the same row.
     start = end - len(want)
     if start % 20:
@@ -76,8 +88,7 @@ def test_first_fit_decreasing_fills_rows_and_rejects_overlong():
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def model(request):
   cfg = CONFIGS[request.param]
-  return cfg, jax.jit(functools.partial(reward_model.init_params, cfg))(
-    jax.random.key(0))
+  return cfg, jax.jit(functools.partial(reward_model.init_params, cfg))(jax.random.key(0))
 
 
 @pytest.mark.parametrize("attention", ["dense", "blocked"])
@@ -90,8 +101,9 @@ def test_packed_rewards_equal_padded(model, attention):
   assert packed["packed_input_ids"].size < batch["input_ids"].size
   got_bn, got_pooled = jax.jit(functools.partial(scoring.score_batch, cfg))(params, packed)
   real_bn = np.asarray(batch["attention_mask"]).sum(-1) > 0
-  np.testing.assert_allclose(np.where(real_bn, got_bn, 0), np.where(real_bn, want_bn, 0),
-                             atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    np.where(real_bn, got_bn, 0), np.where(real_bn, want_bn, 0), atol=2e-5, rtol=1e-5
+  )
   np.testing.assert_allclose(got_pooled[real_bn], want_pooled[real_bn], atol=2e-5, rtol=1e-5)
 
 
@@ -100,9 +112,16 @@ def test_packed_train_step_equals_padded(model):
   # SGD: AdamW would turn the final norm bias's gradient, exactly 0 padded (chosen and rejected
   # cancel) and ~1e-9 packed (rounding), into full-size steps of opposite sign.
   optimizer = optax.sgd(1.0)
-  step = jax.jit(functools.partial(
-    train_step, model_cfg=cfg, loss_cfg=objectives.LossConfig(kind="more"), optimizer=optimizer,
-    schedule=optax.constant_schedule(1e-3), num_tasks=2))
+  step = jax.jit(
+    functools.partial(
+      train_step,
+      model_cfg=cfg,
+      loss_cfg=objectives.LossConfig(kind="more"),
+      optimizer=optimizer,
+      schedule=optax.constant_schedule(1e-3),
+      num_tasks=2,
+    )
+  )
   batch = _batch()
   results = []
   for b in (batch, packing.pack_batch(batch, row_length=32)):

@@ -31,14 +31,23 @@ def test_train_resume_export_score(tmp_path):
   assert all(np.isfinite(v[0]) for v in losses.values())
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   train_records = [r for r in records if "loss" in r]
-  for key in ("accuracy", "grad_norm", "learning_rate", "tokens_per_s", "step_time_s",
-              "task_weight/helpful", "task_loss/webgpt"):
+  for key in (
+    "accuracy",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_s",
+    "step_time_s",
+    "task_weight/helpful",
+    "task_loss/webgpt",
+  ):
     assert key in train_records[-1], key
   assert any("eval/helpful/ece_10" in r for r in records)
   assert (workdir / "config.json").is_file() and (workdir / "model_config.json").is_file()
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
-  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) \
-      == [2, 4]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+    2,
+    4,
+  ]
   assert "Resuming" not in first.stderr
 
   # Longer run, same workdir: resumes from step 4 and goes on to 6.
@@ -48,18 +57,38 @@ def test_train_resume_export_score(tmp_path):
 
   # Export to Hugging Face and score with it through the CLI.
   hf_dir = tmp_path / "hf"
-  subprocess.run([sys.executable, "-m", "jaxpref.export", f"--workdir={workdir}",
-                  f"--output={hf_dir}"], check=True, env=th.env_with(), cwd=th.REPO,
-                 capture_output=True, text=True)
+  subprocess.run(
+    [sys.executable, "-m", "jaxpref.export", f"--workdir={workdir}", f"--output={hf_dir}"],
+    check=True,
+    env=th.env_with(),
+    cwd=th.REPO,
+    capture_output=True,
+    text=True,
+  )
   assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
   data = tmp_path / "in.jsonl"
-  data.write_text(json.dumps({"text": "Human: hi\n\nAssistant: hello"}) + "\n"
-                  + json.dumps({"prompt": "Human: 2+2?\n\nAssistant:",
-                                "responses": [" 4", " 5", " four"]}) + "\n")
+  data.write_text(
+    json.dumps({"text": "Human: hi\n\nAssistant: hello"})
+    + "\n"
+    + json.dumps({"prompt": "Human: 2+2?\n\nAssistant:", "responses": [" 4", " 5", " four"]})
+    + "\n"
+  )
   out = tmp_path / "out.jsonl"
-  proc = subprocess.run([sys.executable, "-m", "jaxpref.score", f"--model={hf_dir}",
-                         f"--data={data}", f"--output={out}", "--max_length=64"],
-                        env=th.env_with(), cwd=th.REPO, capture_output=True, text=True)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxpref.score",
+      f"--model={hf_dir}",
+      f"--data={data}",
+      f"--output={out}",
+      "--max_length=64",
+    ],
+    env=th.env_with(),
+    cwd=th.REPO,
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert isinstance(rows[0]["reward"], float)
@@ -73,6 +102,7 @@ def test_train_resume_export_score(tmp_path):
   from jaxpref.data.tokenize import load_tokenizer
   from jaxpref.model_source import load_for_inference
   from jaxpref.scoring import score_fn
+
   cfg, params, tokenizer_path, _ = load_for_inference(workdir=str(workdir))
   tokenizer = load_tokenizer(tokenizer_path)
   texts = ["Human: hi\n\nAssistant: hello there", "Human: why?\n\nAssistant: because"]
@@ -80,8 +110,13 @@ def test_train_resume_export_score(tmp_path):
   ours, _ = score_fn(cfg, params, enc["input_ids"], enc["attention_mask"])
   model = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
   with torch.no_grad():
-    theirs = model(input_ids=torch.tensor(enc["input_ids"]),
-                   attention_mask=torch.tensor(enc["attention_mask"])).logits[:, 0].numpy()
+    theirs = (
+      model(
+        input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])
+      )
+      .logits[:, 0]
+      .numpy()
+    )
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
 
 
@@ -91,8 +126,14 @@ def test_kill_9_and_restart_matches_uninterrupted(tmp_path):
   th.run_train(reference, *overrides)
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(th.train_command(killed, *overrides), env=th.env_with(), cwd=th.REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    th.train_command(killed, *overrides),
+    env=th.env_with(),
+    cwd=th.REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   th.wait_for_step(killed, 5, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -107,6 +148,7 @@ def test_kill_9_and_restart_matches_uninterrupted(tmp_path):
 
   from jaxpref import checkpointing
   from jaxpref.models import reward_model
+
   cfg = checkpointing.read_model_config(reference)
   abstract = reward_model.abstract_params(cfg)
   _, params_ref = checkpointing.restore_params(reference, 8, abstract)
@@ -118,9 +160,13 @@ def test_kill_9_and_restart_matches_uninterrupted(tmp_path):
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
-      th.train_command(workdir, "--config.train.steps=1000", "--config.checkpoint.every_steps=500"),
-      env=th.env_with(), cwd=th.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      text=True)
+    th.train_command(workdir, "--config.train.steps=1000", "--config.checkpoint.every_steps=500"),
+    env=th.env_with(),
+    cwd=th.REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   th.wait_for_step(workdir, 3, proc)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
@@ -133,9 +179,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   from jaxpref import checkpointing, trainer
   from jaxpref.models import reward_model
-  config = _tiny_config(train__learning_rate=1e36, train__steps=50, train__grad_clip=0.0,
-                        train__warmup_steps=0, checkpoint__every_steps=1,
-                        checkpoint__async_save=False)
+
+  config = _tiny_config(
+    train__learning_rate=1e36,
+    train__steps=50,
+    train__grad_clip=0.0,
+    train__warmup_steps=0,
+    checkpoint__every_steps=1,
+    checkpoint__async_save=False,
+  )
   workdir = tmp_path / "run"
   with pytest.raises(trainer.TrainingError, match="became") as info:
     trainer.train_and_evaluate(config, workdir)
@@ -156,8 +208,9 @@ def test_bad_override_is_one_clear_line(tmp_path):
 def test_bad_data_is_one_clear_line(tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": ["a", "b"], "score": [1.0, 0.0]}\n{"text": ["a"], "score": [1.0\n')
-  proc = th.run_train(tmp_path / "run", f"--config.data.files={bad}", "--config.train.batch_size=1",
-                      check=False)
+  proc = th.run_train(
+    tmp_path / "run", f"--config.data.files={bad}", "--config.train.batch_size=1", check=False
+  )
   assert proc.returncode == 2
   assert "bad.jsonl:2" in proc.stderr
   assert "Traceback" not in proc.stderr

@@ -9,9 +9,13 @@ pytestmark = pytest.mark.usefixtures("shared_dir")
 
 # 12 items = 4 per task: divisible by data x fsdp = 4 and by 2 processes x 3 tasks.
 # 256 tokens leave room for padding, which packing removes.
-OVERRIDES = ("--config.train.batch_size=12", "--config.train.steps=3",
-             "--config.checkpoint.every_steps=3", "--config.eval.final=False",
-             "--config.data.max_length=256")
+OVERRIDES = (
+  "--config.train.batch_size=12",
+  "--config.train.steps=3",
+  "--config.checkpoint.every_steps=3",
+  "--config.eval.final=False",
+  "--config.data.max_length=256",
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,14 @@ def _assert_close(losses, reference):
 
 
 def test_mesh_2x2x2_on_8_devices_matches_one_device(tmp_path, reference_losses):
-  th.run_train(tmp_path, *OVERRIDES, "--config.mesh.data=2", "--config.mesh.fsdp=2",
-               "--config.mesh.tensor=2", devices=8)
+  th.run_train(
+    tmp_path,
+    *OVERRIDES,
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+    devices=8,
+  )
   _assert_close(th.losses_by_step(tmp_path), reference_losses)
 
 
@@ -55,8 +65,15 @@ def _positions(workdir):
 
 
 def test_packed_on_8_devices_matches_padded_one_device(tmp_path, reference_run, reference_losses):
-  th.run_train(tmp_path, *OVERRIDES, *PACKED, "--config.mesh.data=2", "--config.mesh.fsdp=2",
-               "--config.mesh.tensor=2", devices=8)
+  th.run_train(
+    tmp_path,
+    *OVERRIDES,
+    *PACKED,
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+    devices=8,
+  )
   # Fewer positions computed than padded, in a multiple of data x fsdp = 4 rows of 256 tokens.
   packed, padded = _positions(tmp_path), _positions(reference_run)
   assert len(packed) == len(padded) == 3 and sum(packed) < sum(padded), (packed, padded)

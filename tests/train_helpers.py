@@ -15,17 +15,17 @@ TINY = str(REPO / "configs" / "tiny.py")
 
 # A few-second run: 3 tasks x 2 items per batch, 64 tokens, a 32-wide 2-layer model.
 TINY_OVERRIDES = (
-    "--config.train.batch_size=6",
-    "--config.train.steps=4",
-    "--config.train.log_every_steps=1",
-    "--config.data.max_length=64",
-    "--config.data.resampling_size=30",
-    "--config.data.eval_fraction=0.02",
-    "--config.model.hidden_size=32",
-    "--config.model.intermediate_size=64",
-    "--config.model.num_heads=2",
-    "--config.checkpoint.every_steps=2",
-    "--config.eval.batch_size=16",
+  "--config.train.batch_size=6",
+  "--config.train.steps=4",
+  "--config.train.log_every_steps=1",
+  "--config.data.max_length=64",
+  "--config.data.resampling_size=30",
+  "--config.data.eval_fraction=0.02",
+  "--config.model.hidden_size=32",
+  "--config.model.intermediate_size=64",
+  "--config.model.num_heads=2",
+  "--config.checkpoint.every_steps=2",
+  "--config.eval.batch_size=16",
 )
 
 
@@ -59,14 +59,28 @@ def env_with(devices: int = 1) -> dict[str, str]:
 
 
 def train_command(workdir: Path, *overrides: str) -> list[str]:
-  return [sys.executable, "-m", "jaxpref.train", f"--config={TINY}", f"--workdir={workdir}",
-          *TINY_OVERRIDES, *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "jaxpref.train",
+    f"--config={TINY}",
+    f"--workdir={workdir}",
+    *TINY_OVERRIDES,
+    *overrides,
+  ]
 
 
-def run_train(workdir: Path, *overrides: str, devices: int = 1, check: bool = True,
-              timeout: float = 600) -> subprocess.CompletedProcess:
-  proc = subprocess.run(train_command(workdir, *overrides), env=env_with(devices), cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+def run_train(
+  workdir: Path, *overrides: str, devices: int = 1, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
+  proc = subprocess.run(
+    train_command(workdir, *overrides),
+    env=env_with(devices),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   if check and proc.returncode != 0:
     raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return proc
@@ -78,15 +92,26 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_train_multiprocess(workdir: Path, *overrides: str, num_processes: int = 2,
-                           timeout: float = 600) -> list[subprocess.CompletedProcess]:
+def run_train_multiprocess(
+  workdir: Path, *overrides: str, num_processes: int = 2, timeout: float = 600
+) -> list[subprocess.CompletedProcess]:
   port = free_port()
   procs = [
-      subprocess.Popen(
-          train_command(workdir, *overrides, f"--coordinator_address=127.0.0.1:{port}",
-                        f"--num_processes={num_processes}", f"--process_id={i}"),
-          env=env_with(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(num_processes)
+    subprocess.Popen(
+      train_command(
+        workdir,
+        *overrides,
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={i}",
+      ),
+      env=env_with(1),
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(num_processes)
   ]
   results = []
   for proc in procs:
@@ -125,8 +150,10 @@ def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: flo
   path = Path(workdir) / "metrics.jsonl"
   while time.time() < deadline:
     if proc.poll() is not None:
-      raise AssertionError(f"training ended early ({proc.returncode}): "
-                           f"{proc.stderr.read()[-3000:] if proc.stderr else ''}")
+      raise AssertionError(
+        f"training ended early ({proc.returncode}): "
+        f"{proc.stderr.read()[-3000:] if proc.stderr else ''}"
+      )
     if path.exists() and any(s >= step for s in losses_by_step(workdir)):
       return
     time.sleep(0.2)

@@ -2,22 +2,22 @@
 
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.reward_model import (
-    RewardModel,
-    abstract_params,
-    apply,
-    count_params,
-    init_params,
-    logical_axes,
-    pool,
+  RewardModel,
+  abstract_params,
+  apply,
+  count_params,
+  init_params,
+  logical_axes,
+  pool,
 )
 
 __all__ = [
-    "ModelConfig",
-    "RewardModel",
-    "abstract_params",
-    "apply",
-    "count_params",
-    "init_params",
-    "logical_axes",
-    "pool",
+  "ModelConfig",
+  "RewardModel",
+  "abstract_params",
+  "apply",
+  "count_params",
+  "init_params",
+  "logical_axes",
+  "pool",
 ]

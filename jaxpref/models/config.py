@@ -75,15 +75,17 @@ class ModelConfig:
       raise ValueError(f"model.pooling={self.pooling!r} is not supported; choose one of {POOLINGS}")
     if self.hidden_size % self.num_heads and not self.head_dim:
       raise ValueError(
-          f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
-          f"{self.num_heads}; set model.head_dim explicitly")
+        f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
+        f"{self.num_heads}; set model.head_dim explicitly"
+      )
     if self.kv_heads and self.num_heads % self.kv_heads:
       raise ValueError(
-          f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads="
-          f"{self.kv_heads}")
+        f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.kv_heads}"
+      )
     if self.attention not in ATTENTIONS:
       raise ValueError(
-          f"model.attention={self.attention!r} is not supported; choose one of {ATTENTIONS}")
+        f"model.attention={self.attention!r} is not supported; choose one of {ATTENTIONS}"
+      )
     if self.attention_block < 1:
       raise ValueError(f"model.attention_block={self.attention_block} must be >= 1")
     for field in ("param_dtype", "dtype"):

@@ -20,8 +20,15 @@ def normal_init(cfg: ModelConfig):
   return nn.initializers.normal(stddev=cfg.initializer_range)
 
 
-def dense(cfg: ModelConfig, features: int | Sequence[int], axes: tuple[str | None, ...], *,
-          use_bias: bool, name: str, in_axis: int | Sequence[int] = -1) -> nn.DenseGeneral:
+def dense(
+  cfg: ModelConfig,
+  features: int | Sequence[int],
+  axes: tuple[str | None, ...],
+  *,
+  use_bias: bool,
+  name: str,
+  in_axis: int | Sequence[int] = -1,
+) -> nn.DenseGeneral:
   """A DenseGeneral whose kernel (and bias) carry logical axis names.
 
   Args:
@@ -34,38 +41,38 @@ def dense(cfg: ModelConfig, features: int | Sequence[int], axes: tuple[str | Non
   """
   n_out = 1 if isinstance(features, int) else len(features)
   return nn.DenseGeneral(
-      features=features,
-      axis=in_axis,
-      use_bias=use_bias,
-      dtype=cfg.jnp_dtype,
-      param_dtype=cfg.jnp_param_dtype,
-      kernel_init=nn.with_logical_partitioning(normal_init(cfg), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]),
-      name=name,
+    features=features,
+    axis=in_axis,
+    use_bias=use_bias,
+    dtype=cfg.jnp_dtype,
+    param_dtype=cfg.jnp_param_dtype,
+    kernel_init=nn.with_logical_partitioning(normal_init(cfg), axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]),
+    name=name,
   )
 
 
 def embed(cfg: ModelConfig, num_embeddings: int, name: str) -> nn.Embed:
   return nn.Embed(
-      num_embeddings=num_embeddings,
-      features=cfg.hidden_size,
-      dtype=cfg.jnp_dtype,
-      param_dtype=cfg.jnp_param_dtype,
-      embedding_init=nn.with_logical_partitioning(normal_init(cfg), ("vocab", "embed")),
-      name=name,
+    num_embeddings=num_embeddings,
+    features=cfg.hidden_size,
+    dtype=cfg.jnp_dtype,
+    param_dtype=cfg.jnp_param_dtype,
+    embedding_init=nn.with_logical_partitioning(normal_init(cfg), ("vocab", "embed")),
+    name=name,
   )
 
 
 def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=cfg.norm_eps,
-      # Two-pass variance, as torch computes it: E[x^2] - E[x]^2 loses precision when |mean| >> std.
-      use_fast_variance=False,
-      dtype=cfg.jnp_dtype,
-      param_dtype=cfg.jnp_param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-      name=name,
+    epsilon=cfg.norm_eps,
+    # Two-pass variance, as torch computes it: E[x^2] - E[x]^2 loses precision when |mean| >> std.
+    use_fast_variance=False,
+    dtype=cfg.jnp_dtype,
+    param_dtype=cfg.jnp_param_dtype,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+    name=name,
   )
 
 
@@ -77,10 +84,10 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param(
-        "scale",
-        nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        (x.shape[-1],),
-        self.cfg.jnp_param_dtype,
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      (x.shape[-1],),
+      self.cfg.jnp_param_dtype,
     )
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
@@ -90,13 +97,13 @@ class RMSNorm(nn.Module):
 def activation(name: str):
   """Activation functions by their Hugging Face `hidden_act` names."""
   table = {
-      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-      "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-      "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-      "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-      "relu": jax.nn.relu,
-      "silu": jax.nn.silu,
-      "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
   }
   if name not in table:
     raise ValueError(f"hidden_act={name!r} is not supported; choose one of {sorted(table)}")
@@ -135,8 +142,9 @@ def causal_segment_mask(segment_ids_bl: jax.Array) -> jax.Array:
   return causal_ll[None, None] & (same_bll & (segment_ids_bl > 0)[:, None, :])[:, None]
 
 
-def decoder_positions_and_mask(attention_mask_bl: jax.Array, segment_ids_bl: jax.Array | None,
-                               positions_bl: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def decoder_positions_and_mask(
+  attention_mask_bl: jax.Array, segment_ids_bl: jax.Array | None, positions_bl: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
   """Position ids and the [B, 1, L, L] attention mask of padded or packed (segmented) rows."""
   if segment_ids_bl is None:
     return positions_from_mask(attention_mask_bl), causal_padding_mask(attention_mask_bl)
@@ -145,8 +153,13 @@ def decoder_positions_and_mask(attention_mask_bl: jax.Array, segment_ids_bl: jax
   return positions_bl, causal_segment_mask(segment_ids_bl)
 
 
-def causal_attention(cfg: ModelConfig, query_blhd: jax.Array, key_blkd: jax.Array,
-                     value_blkd: jax.Array, mask_b1ll: jax.Array) -> jax.Array:
+def causal_attention(
+  cfg: ModelConfig,
+  query_blhd: jax.Array,
+  key_blkd: jax.Array,
+  value_blkd: jax.Array,
+  mask_b1ll: jax.Array,
+) -> jax.Array:
   """Causal self-attention [B, L, H, D] under `mask_b1ll`, dense or in query blocks.
 
   `cfg.attention == "blocked"` computes query rows [s, e) against keys [0, e) only: the blocks
@@ -167,13 +180,25 @@ def causal_attention(cfg: ModelConfig, query_blhd: jax.Array, key_blkd: jax.Arra
   out_blocks = []
   for start in range(0, length, block):
     end = min(start + block, length)
-    out_blocks.append(block_attention(query_blhd[:, start:end], key_blkd[:, :end],
-                                      value_blkd[:, :end], mask_b1ll[:, :, start:end, :end]))
+    out_blocks.append(
+      block_attention(
+        query_blhd[:, start:end],
+        key_blkd[:, :end],
+        value_blkd[:, :end],
+        mask_b1ll[:, :, start:end, :end],
+      )
+    )
   return jnp.concatenate(out_blocks, axis=1)
 
 
-def scan_layers(layer_cls: type[nn.Module], cfg: ModelConfig, *, num_broadcast: int,
-                name: str = "layers", **layer_kwargs) -> nn.Module:
+def scan_layers(
+  layer_cls: type[nn.Module],
+  cfg: ModelConfig,
+  *,
+  num_broadcast: int,
+  name: str = "layers",
+  **layer_kwargs,
+) -> nn.Module:
   """`cfg.num_layers` copies of `layer_cls` stacked with `nn.scan` (rematerialised if `cfg.remat`).
 
   The layer is called as `layer(carry, *broadcast_args) -> (carry, per_layer_output)`; every
@@ -190,18 +215,19 @@ def scan_layers(layer_cls: type[nn.Module], cfg: ModelConfig, *, num_broadcast: 
     # prevent_cse=False is safe (and faster) inside scan, which already blocks CSE across steps.
     layer_cls = nn.remat(layer_cls, prevent_cse=False)
   scanned = nn.scan(
-      layer_cls,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(nn.broadcast,) * num_broadcast,
-      length=cfg.num_layers,
-      metadata_params={nn.PARTITION_NAME: "layers"},
+    layer_cls,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=(nn.broadcast,) * num_broadcast,
+    length=cfg.num_layers,
+    metadata_params={nn.PARTITION_NAME: "layers"},
   )
   return scanned(cfg=cfg, name=name, **layer_kwargs)
 
 
-def stack_hidden_states(embedded_bld: jax.Array, per_layer_nbld: jax.Array,
-                        final_bld: jax.Array) -> jax.Array:
+def stack_hidden_states(
+  embedded_bld: jax.Array, per_layer_nbld: jax.Array, final_bld: jax.Array
+) -> jax.Array:
   """Hugging Face's `output_hidden_states` of a pre-norm decoder as one array [N + 1, B, L, D].
 
   transformers 5 returns the embeddings, then each layer's output, with the last one replaced by

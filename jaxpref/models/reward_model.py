@@ -23,9 +23,9 @@ from jaxpref.models.config import ModelConfig
 # `(hidden_bld, hidden_states_lbld_or_None)` where `hidden_bld` is the final (normed) hidden state
 # and `hidden_states_lbld` stacks what Hugging Face returns with `output_hidden_states=True`.
 BACKBONES = {
-    "gpt_neox": "jaxpref.models.gpt_neox:GPTNeoX",
-    "llama": "jaxpref.models.llama:Llama",
-    "bert": "jaxpref.models.bert:Bert",
+  "gpt_neox": "jaxpref.models.gpt_neox:GPTNeoX",
+  "llama": "jaxpref.models.llama:Llama",
+  "bert": "jaxpref.models.bert:Bert",
 }
 
 
@@ -51,8 +51,13 @@ def _gather_b(hidden_bld: jax.Array, index_b: jax.Array) -> jax.Array:
   return jnp.take_along_axis(hidden_bld, index_b[:, None, None], axis=1)[:, 0]
 
 
-def pool(hidden_bld: jax.Array, attention_mask_bl: jax.Array, input_ids_bl: jax.Array,
-         pooling: str, eos_token_id: int | None) -> jax.Array:
+def pool(
+  hidden_bld: jax.Array,
+  attention_mask_bl: jax.Array,
+  input_ids_bl: jax.Array,
+  pooling: str,
+  eos_token_id: int | None,
+) -> jax.Array:
   """Pools hidden states into one vector per sequence.
 
   Args:
@@ -96,8 +101,9 @@ def check_packable(cfg: ModelConfig) -> None:
   """Packed rows need a causal decoder (segments must not see later ones) and `last` pooling."""
   if cfg.arch == "bert" or cfg.pooling != "last":
     raise ValueError(
-        f"data.packing needs a decoder with last-token pooling; model.arch={cfg.arch!r}, "
-        f"model.pooling={cfg.pooling!r}")
+      f"data.packing needs a decoder with last-token pooling; model.arch={cfg.arch!r}, "
+      f"model.pooling={cfg.pooling!r}"
+    )
 
 
 def gather_flat(hidden_rld: jax.Array, flat_index_s: jax.Array) -> jax.Array:
@@ -117,35 +123,47 @@ class RewardModel(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
-               output_hidden_states: bool = False,
-               packed: dict[str, jax.Array] | None = None) -> dict[str, Any]:
+  def __call__(
+    self,
+    input_ids_bl: jax.Array,
+    attention_mask_bl: jax.Array,
+    *,
+    output_hidden_states: bool = False,
+    packed: dict[str, jax.Array] | None = None,
+  ) -> dict[str, Any]:
     cfg = self.cfg
     backbone = backbone_class(cfg.arch)(cfg=cfg, name="backbone")
     if packed is None:
       hidden_bld, hidden_states = backbone(
-          input_ids_bl, attention_mask_bl, output_hidden_states=output_hidden_states)
-      pooled_bd = pool(hidden_bld, attention_mask_bl, input_ids_bl, cfg.pooling,
-                       cfg.eos_token_id)
+        input_ids_bl, attention_mask_bl, output_hidden_states=output_hidden_states
+      )
+      pooled_bd = pool(hidden_bld, attention_mask_bl, input_ids_bl, cfg.pooling, cfg.eos_token_id)
     else:
       check_packable(cfg)
       hidden_rld, hidden_states = backbone(
-          input_ids_bl, attention_mask_bl, output_hidden_states=output_hidden_states,
-          segment_ids_bl=packed["segment_ids"], positions_bl=packed["positions"])
+        input_ids_bl,
+        attention_mask_bl,
+        output_hidden_states=output_hidden_states,
+        segment_ids_bl=packed["segment_ids"],
+        positions_bl=packed["positions"],
+      )
       pooled_bd = gather_flat(hidden_rld, packed["last_index"])
     if cfg.pooling == "pooler":
-      pooled_bd = jnp.tanh(layers.dense(cfg, cfg.hidden_size, ("embed", "mlp"), use_bias=True,
-                                        name="pooler")(pooled_bd))
+      pooled_bd = jnp.tanh(
+        layers.dense(cfg, cfg.hidden_size, ("embed", "mlp"), use_bias=True, name="pooler")(
+          pooled_bd
+        )
+      )
     # The head runs in float32 whatever the compute dtype: rewards feed sigmoids of differences.
     pooled_bd = pooled_bd.astype(jnp.float32)
     head = nn.Dense(
-        1,
-        use_bias=cfg.head_bias,
-        dtype=jnp.float32,
-        param_dtype=cfg.jnp_param_dtype,
-        kernel_init=nn.with_logical_partitioning(layers.normal_init(cfg), ("embed", None)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
-        name="score",
+      1,
+      use_bias=cfg.head_bias,
+      dtype=jnp.float32,
+      param_dtype=cfg.jnp_param_dtype,
+      kernel_init=nn.with_logical_partitioning(layers.normal_init(cfg), ("embed", None)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+      name="score",
     )
     rewards_b = head(pooled_bd)[:, 0]
     outputs = {"rewards": rewards_b, "pooled": pooled_bd}
@@ -175,9 +193,15 @@ def logical_axes(cfg: ModelConfig) -> dict:
   return nn.get_partition_spec(boxed)["params"]
 
 
-def apply(cfg: ModelConfig, params: dict, input_ids_bl: jax.Array, attention_mask_bl: jax.Array,
-          *, output_hidden_states: bool = False,
-          packed: dict[str, jax.Array] | None = None) -> dict[str, Any]:
+def apply(
+  cfg: ModelConfig,
+  params: dict,
+  input_ids_bl: jax.Array,
+  attention_mask_bl: jax.Array,
+  *,
+  output_hidden_states: bool = False,
+  packed: dict[str, jax.Array] | None = None,
+) -> dict[str, Any]:
   """Runs the reward model. Returns `rewards` [B] (float32), `pooled` [B, D] and, if asked,
   `hidden_states` [num_layers + 1, B, L, D].
 
@@ -185,8 +209,13 @@ def apply(cfg: ModelConfig, params: dict, input_ids_bl: jax.Array, attention_mas
   `jaxpref.data.packing`), the inputs are packed rows [R, L] and the outputs are per sequence:
   `rewards` [S], `pooled` [S, D]; `hidden_states` stays per row.
   """
-  return RewardModel(cfg).apply({"params": params}, input_ids_bl, attention_mask_bl,
-                                output_hidden_states=output_hidden_states, packed=packed)
+  return RewardModel(cfg).apply(
+    {"params": params},
+    input_ids_bl,
+    attention_mask_bl,
+    output_hidden_states=output_hidden_states,
+    packed=packed,
+  )
 
 
 def count_params(params: Any) -> int:
