@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxpref.models.config import ModelConfig, freeze_rope_scaling
+from jaxpref.models.lora import LoraConfig
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -137,6 +138,7 @@ def read_model_config(workdir: str | Path) -> ModelConfig:
   fields["rope_scaling"] = freeze_rope_scaling(
     fields.get("rope_scaling") and dict(fields["rope_scaling"])
   )
+  fields["lora"] = LoraConfig.from_dict(fields.get("lora"))
   return ModelConfig(**fields)
 
 

@@ -19,7 +19,12 @@ from jaxpref.models.config import ModelConfig
 
 
 def score_fn(
-  cfg: ModelConfig, params, input_ids_bnl: jax.Array, attention_mask_bnl: jax.Array
+  cfg: ModelConfig,
+  params,
+  input_ids_bnl: jax.Array,
+  attention_mask_bnl: jax.Array,
+  *,
+  dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Rewards of every response of every item.
 
@@ -28,6 +33,7 @@ def score_fn(
     params: reward-model parameters.
     input_ids_bnl: token ids, [B, N, L] (or [B, L], treated as N = 1 and squeezed back).
     attention_mask_bnl: 1 on real tokens, same shape.
+    dropout_rng: turns on the model's dropout (training with `lora.dropout` only).
 
   Returns:
     rewards_bn (float32) and the pooled embeddings pooled_bnd that the linear head saw.
@@ -37,7 +43,11 @@ def score_fn(
     input_ids_bnl, attention_mask_bnl = input_ids_bnl[:, None], attention_mask_bnl[:, None]
   b, n, length = input_ids_bnl.shape
   outputs = reward_model.apply(
-    cfg, params, input_ids_bnl.reshape(b * n, length), attention_mask_bnl.reshape(b * n, length)
+    cfg,
+    params,
+    input_ids_bnl.reshape(b * n, length),
+    attention_mask_bnl.reshape(b * n, length),
+    dropout_rng=dropout_rng,
   )
   rewards_bn = outputs["rewards"].reshape(b, n)
   pooled_bnd = outputs["pooled"].reshape(b, n, -1)
@@ -47,11 +57,16 @@ def score_fn(
 
 
 def score_batch(
-  cfg: ModelConfig, params, batch: dict[str, jax.Array]
+  cfg: ModelConfig, params, batch: dict[str, jax.Array], *, dropout_rng: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
-  """`score_fn` on a training batch, padded ([B, N, L]) or packed (`jaxpref.data.packing`)."""
+  """`score_fn` on a training batch, padded ([B, N, L]) or packed (`jaxpref.data.packing`).
+
+  `dropout_rng` (training only) turns on the model's dropout (LoRA's `lora.dropout`).
+  """
   if "packed_input_ids" not in batch:
-    return score_fn(cfg, params, batch["input_ids"], batch["attention_mask"])
+    return score_fn(
+      cfg, params, batch["input_ids"], batch["attention_mask"], dropout_rng=dropout_rng
+    )
   b, n = batch["scores"].shape
   segment_ids_rl = batch["packed_segment_ids"]
   outputs = reward_model.apply(
@@ -64,6 +79,7 @@ def score_batch(
       "positions": batch["packed_positions"],
       "last_index": batch["packed_last_index"],
     },
+    dropout_rng=dropout_rng,
   )
   return outputs["rewards"].reshape(b, n), outputs["pooled"].reshape(b, n, -1)
 

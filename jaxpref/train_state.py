@@ -12,8 +12,9 @@ import optax
 from jax.sharding import Mesh
 
 from jaxpref import objectives, sharding
-from jaxpref.models import reward_model
+from jaxpref.models import lora, reward_model
 from jaxpref.models.config import ModelConfig
+from jaxpref.training import trainable
 
 
 @flax.struct.dataclass
@@ -78,10 +79,13 @@ def init_state(
   init_rng, state_rng = jax.random.split(rng)
   if params is None:
     params = reward_model.init_params(model_cfg, init_rng)
+  else:  # Loaded weights: LoRA's adapters start fresh (a no-op without LoRA).
+    params = lora.with_fresh_adapters(model_cfg, params, init_rng)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    opt_state=optimizer.init(params),
+    # Only the trainable part has optimizer state (all of it unless LoRA freezes the base).
+    opt_state=optimizer.init(trainable.trainable_params(model_cfg, params)),
     objective=objectives.init_objective_state(num_tasks, model_cfg.hidden_size),
     rng=state_rng,
   )

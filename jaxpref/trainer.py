@@ -23,7 +23,7 @@ from absl import logging
 from jaxpref import checkpointing, evaluation, flops, objectives, sharding, train_data, train_state
 from jaxpref.metrics_writer import MetricsWriter, flatten_metrics
 from jaxpref.model_source import load_model
-from jaxpref.models import reward_model
+from jaxpref.models import lora, reward_model
 from jaxpref.train_step import train_step
 
 
@@ -140,6 +140,10 @@ def train_and_evaluate(
   model_cfg, loaded_params = load_model(config.model, seed=config.train.seed)
   data = train_data.prepare(config, model_cfg)
   model_cfg = data.model_cfg
+  try:
+    model_cfg = model_cfg.replace(lora=lora.from_config(config.lora))
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
   num_tasks = len(data.task_names)
   _save_run_files(config, workdir, model_cfg, data.tokenizer)
   total_steps = data.num_steps
@@ -165,7 +169,7 @@ def train_and_evaluate(
     # Initialised under jit straight into its shards: no host ever holds the full weights.
     state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
   else:
-    params = jax.device_put(loaded_params, state_shardings.params)
+    params = jax.device_put(loaded_params, lora.without_adapters(state_shardings.params))
     state = jax.jit(lambda r, p: init_fn(r, params=p), out_shardings=state_shardings)(rng, params)
     del loaded_params, params
 
@@ -209,6 +213,14 @@ def train_and_evaluate(
 
   # --- The loop. ------------------------------------------------------------------------------
   writer = MetricsWriter(workdir)
+  trainable_count, total_count = lora.count_trainable(model_cfg, abstract_state.params)
+  logging.info(
+    "Parameters: %d trainable of %d (%.2f%%)",
+    trainable_count,
+    total_count,
+    100.0 * trainable_count / total_count,
+  )
+  writer.write(step, {"params/trainable": trainable_count, "params/total": total_count})
   stop = _StopRequest().install()
   last_logged: dict[str, Any] = {}
   progress = None

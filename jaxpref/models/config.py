@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxpref.models.lora import LoraConfig
+
 ARCHS = ("gpt_neox", "llama", "bert")
 POOLINGS = ("last", "eos", "mean", "max", "cls", "pooler")
 ATTENTIONS = ("blocked", "dense")
@@ -67,6 +69,8 @@ class ModelConfig:
   # Same numbers either way (up to float rounding); encoders (BERT) always use "dense".
   attention: str = "blocked"
   attention_block: int = 128
+  # Low-rank adapters on the backbone (`jaxpref.models.lora`); None = every parameter trains.
+  lora: LoraConfig | None = None
 
   def __post_init__(self):
     if self.arch not in ARCHS:

@@ -217,7 +217,7 @@ def scan_layers(
   scanned = nn.scan(
     layer_cls,
     variable_axes={"params": 0},
-    split_rngs={"params": True},
+    split_rngs={"params": True, "dropout": True},  # dropout (LoRA's) differs per layer
     in_axes=(nn.broadcast,) * num_broadcast,
     length=cfg.num_layers,
     metadata_params={nn.PARTITION_NAME: "layers"},
