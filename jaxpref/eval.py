@@ -109,7 +109,7 @@ def evaluate_files(
   temperature: float = 1.0,
 ) -> dict[str, dict[str, Any]]:
   """Scores each file, writes report.json / report.md / reliability PNGs, returns the reports."""
-  from jaxpref import evaluation, plots
+  from jaxpref import evaluation, plots, reward_stats
   from jaxpref.data import reader
 
   output = Path(output)
@@ -137,11 +137,11 @@ def evaluate_files(
     summaries[name] = summary
     all_rewards.append(rewards_bn)
     all_scores.append(scores_bn)
-  reports["all"] = evaluation.report_for(
-    *evaluation.concat_padded(all_rewards, all_scores),
-    n_bootstrap=n_bootstrap,
-    temperature=temperature,
-  )
+  pooled = evaluation.concat_padded(all_rewards, all_scores)
+  reports["all"] = evaluation.report_for(*pooled, n_bootstrap=n_bootstrap, temperature=temperature)
+  # Reward mean / std over these files (`jaxpref.score --normalize` can use them).
+  reports["all"]["reward_stats"] = reward_stats.compute(*pooled)
+  reward_stats.write(output, reports["all"]["reward_stats"])
   for name, report in reports.items():
     plots.reliability_diagram(
       report, output / f"reliability_{name}.png", title=f"{name}: ECE-10 {report['ece_10']:.3f}"

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxpref import calibration, scoring
+from jaxpref import calibration, reward_stats, scoring
 from jaxpref.data import eval_batches, tokenize
 from jaxpref.data.records import PreferenceItem
 from jaxpref.models.config import ModelConfig
@@ -126,9 +126,9 @@ class TrainEvaluator:
       all_rewards.append(rewards_bn)
       all_scores.append(scores_bn)
     if all_rewards:
-      per_task["all"] = report_for(
-        *concat_padded(all_rewards, all_scores), n_bootstrap=self.n_bootstrap
-      )
+      pooled = concat_padded(all_rewards, all_scores)
+      per_task["all"] = report_for(*pooled, n_bootstrap=self.n_bootstrap)
+      per_task["all"]["reward_stats"] = reward_stats.compute(*pooled)
     return per_task
 
   def evaluate(self, params) -> dict[str, float]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from jaxpref import cli
+from jaxpref import cli, reward_stats
 from jaxpref.data.errors import DataError
 
 FLAGS = flags.FLAGS
@@ -50,6 +50,12 @@ def define_flags() -> None:
     False,
     "Divide rewards by the temperature stored in the model dir / workdir "
     "(temperature.json, written by `jaxpref.eval --fit_temperature`).",
+  )
+  flags.DEFINE_boolean(
+    "normalize",
+    False,
+    "Standardise rewards with the held-out mean / std stored with the model dir / workdir "
+    "(reward_stats.json, or config.json's mean / std): (reward - mean) / std.",
   )
   flags.DEFINE_enum(
     "on_error",
@@ -136,9 +142,13 @@ def score_records(
   on_error: str,
   source: str,
   temperature: float = 1.0,
+  stats: dict[str, Any] | None = None,
   progress: bool = False,
 ) -> tuple[list[dict], Counter]:
-  """Adds rewards to each record (see module docstring); returns the output records and skips."""
+  """Adds rewards to each record (see module docstring); returns the output records and skips.
+
+  `stats` (`jaxpref.reward_stats`) standardises the rewards: (reward - mean) / std.
+  """
   skipped: Counter = Counter()
   parsed = []
   for line_no, record in records:
@@ -152,6 +162,8 @@ def score_records(
   flat_texts = [t for _, _, texts in parsed for t in texts]
   encoded = tokenizer(flat_texts, truncation=True, max_length=max_length)["input_ids"]
   rewards = scorer.score_token_ids(encoded, progress=progress) / temperature
+  if stats is not None:
+    rewards = reward_stats.normalize(rewards, stats)
   outputs, offset = [], 0
   for record, kind, texts in parsed:
     values = [float(r) for r in rewards[offset : offset + len(texts)]]
@@ -187,6 +199,17 @@ def main(argv) -> None:
     cfg, params, batch_size=FLAGS.batch_size, max_length=max_length, pad_token_id=pad_id
   )
   temperature = read_temperature(FLAGS.model or FLAGS.workdir) if FLAGS.apply_temperature else 1.0
+  stats = None
+  if FLAGS.normalize:
+    if FLAGS.apply_temperature:
+      raise app.UsageError("--normalize and --apply_temperature are exclusive; use one")
+    stats = reward_stats.read(FLAGS.model or FLAGS.workdir)
+    if stats is None:
+      raise app.UsageError(
+        f"--normalize: {FLAGS.model or FLAGS.workdir} has no reward statistics "
+        f"({reward_stats.FILE} or config.json mean / std); train with held-out data or run "
+        "jaxpref.eval first"
+      )
   records, skipped = read_records(FLAGS.data, FLAGS.on_error)
   outputs, more_skipped = score_records(
     scorer,
@@ -197,6 +220,7 @@ def main(argv) -> None:
     on_error=FLAGS.on_error,
     source=FLAGS.data,
     temperature=temperature,
+    stats=stats,
     progress=FLAGS.progress and len(records) > 64,
   )
   skipped.update(more_skipped)

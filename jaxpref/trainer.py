@@ -20,7 +20,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxpref import checkpointing, evaluation, flops, objectives, sharding, train_data, train_state
+from jaxpref import (
+  checkpointing,
+  evaluation,
+  flops,
+  objectives,
+  reward_stats,
+  sharding,
+  train_data,
+  train_state,
+)
 from jaxpref.metrics_writer import MetricsWriter, flatten_metrics
 from jaxpref.model_source import load_model
 from jaxpref.models import lora, reward_model
@@ -296,6 +305,7 @@ def train_and_evaluate(
     last_logged.update(eval_scalars)
     if jax.process_index() == 0:
       (workdir / "eval_final.json").write_text(json.dumps(eval_scalars, indent=2))
+      reward_stats.write(workdir, {**eval_reports["all"]["reward_stats"], "step": step})
   writer.close()
   manager.close()
   return {"step": step, **last_logged, "_state": state}
