@@ -233,7 +233,7 @@ def test_lora_run_exports_merged_and_peft_adapter(torch, llama_base, tmp_path):
   from jaxpref.scoring import score_fn
 
   workdir = tmp_path / "run"
-  # Packing, remat and MORE together with LoRA, on a 2-device FSDP mesh.
+  # Packing, remat and MORE together with LoRA.
   th.run_train(
     workdir,
     *_lora_flags(
@@ -242,9 +242,7 @@ def test_lora_run_exports_merged_and_peft_adapter(torch, llama_base, tmp_path):
       "--config.data.packing=True",
       "--config.model.remat=True",
       "--config.loss.kind=more",
-      "--config.mesh.fsdp=2",
     ),
-    devices=2,
   )
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   counts = next(r for r in records if "params/trainable" in r)
@@ -298,20 +296,22 @@ def test_lora_run_exports_merged_and_peft_adapter(torch, llama_base, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_resume_is_exact(llama_base, tmp_path):
+def test_lora_resume_is_exact_on_an_fsdp_mesh(llama_base, tmp_path):
   flags = _lora_flags(
     llama_base,
     "--config.checkpoint.every_steps=1",
     "--config.eval.final=False",
     "--config.train.schedule=constant",  # the same learning rates whatever train.steps says
+    "--config.lora.dropout=0.1",
+    "--config.mesh.fsdp=2",
   )
-  th.run_train(tmp_path / "straight", *flags, "--config.train.steps=3")
-  th.run_train(tmp_path / "resumed", *flags, "--config.train.steps=2")
-  second = th.run_train(tmp_path / "resumed", *flags, "--config.train.steps=3")
+  th.run_train(tmp_path / "straight", *flags, "--config.train.steps=3", devices=2)
+  th.run_train(tmp_path / "resumed", *flags, "--config.train.steps=2", devices=2)
+  second = th.run_train(tmp_path / "resumed", *flags, "--config.train.steps=3", devices=2)
   assert "Resuming from the checkpoint of step 2" in second.stderr
-  from jaxpref.model_source import load_for_inference
-
-  straight = _flat(load_for_inference(workdir=str(tmp_path / "straight"))[1])
-  resumed = _flat(load_for_inference(workdir=str(tmp_path / "resumed"))[1])
-  for path, value in straight.items():
-    np.testing.assert_array_equal(resumed[path], value, err_msg=path)
+  # Step 3's loss and gradient norm are computed from the restored adapters, head, optimizer
+  # state and dropout key: equal to the last bit when the resume is exact.
+  for name in ("loss", "grad_norm"):
+    straight = th.metric_by_step(tmp_path / "straight", name)
+    resumed = th.metric_by_step(tmp_path / "resumed", name)
+    assert straight == resumed, name
