@@ -229,7 +229,7 @@ def train_and_evaluate(
     total_count,
     100.0 * trainable_count / total_count,
   )
-  writer.write(step, {"params/trainable": trainable_count, "params/total": total_count})
+  writer.write(step, {"trainable_params": trainable_count, "total_params": total_count})
   stop = _StopRequest().install()
   last_logged: dict[str, Any] = {}
   progress = None

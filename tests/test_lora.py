@@ -260,8 +260,8 @@ def test_lora_run_exports_merged_and_peft_adapter(torch, llama_base, tmp_path):
     ),
   )
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  counts = next(r for r in records if "params/trainable" in r)
-  assert 0 < counts["params/trainable"] < counts["params/total"] / 100
+  counts = next(r for r in records if "trainable_params" in r)
+  assert 0 < counts["trainable_params"] < counts["total_params"] / 100
   stats = json.loads((workdir / reward_stats.FILE).read_text())
   assert stats["count"] > 0 and stats["std"] > 0 and stats["step"] == 2
 
