@@ -41,7 +41,9 @@ def _base_model_path(workdir: Path) -> str:
   config_path = workdir / "config.json"
   path = json.loads(config_path.read_text()).get("model", {}).get("path", "")
   if not path:
-    raise ValueError(
+    from jaxpref.models.hf_io import CheckpointError
+
+    raise CheckpointError(
       f"--adapter: {workdir} did not start from a Hugging Face checkpoint (model.path is empty "
       "in its config.json), so there is no base for the adapter; export merged weights instead"
     )
@@ -65,7 +67,7 @@ def export(
   params = jax.tree.map(np.asarray, jax.device_get(params))
   if adapter:
     if cfg.lora is None:
-      raise ValueError(f"--adapter: {workdir} is not a LoRA run (lora.rank=0)")
+      raise hf_io.CheckpointError(f"--adapter: {workdir} is not a LoRA run (lora.rank=0)")
     peft_io.save_adapter(
       output, cfg, params, base_model=_base_model_path(workdir), tokenizer=tokenizer_path
     )

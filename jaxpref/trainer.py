@@ -151,6 +151,8 @@ def train_and_evaluate(
   model_cfg = data.model_cfg
   try:
     model_cfg = model_cfg.replace(lora=lora.from_config(config.lora))
+    if model_cfg.lora is not None:
+      reward_model.abstract_params(model_cfg)  # A target naming no layer fails here, in one line.
   except ValueError as e:
     raise TrainingError(str(e)) from None
   num_tasks = len(data.task_names)

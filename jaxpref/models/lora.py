@@ -176,15 +176,23 @@ def _low_rank_delta(module: nn.DenseGeneral, x: jax.Array, lora: LoraConfig) -> 
   return jnp.tensordot(x_r, b.astype(dtype), axes=1) * jnp.asarray(lora.scale, dtype)
 
 
+@dataclasses.dataclass
+class Matches:
+  """What the interceptor saw: targets that matched a layer, and every dense layer's path."""
+
+  targets: set[str] = dataclasses.field(default_factory=set)
+  dense_paths: set[str] = dataclasses.field(default_factory=set)
+
+
 @contextlib.contextmanager
-def adapters(cfg: ModelConfig) -> Iterator[set[str]]:
+def adapters(cfg: ModelConfig) -> Iterator[Matches]:
   """Adds LoRA adapters to the targeted dense layers of modules called inside the block.
 
-  Yields the set of targets that matched a layer so far (to check after initialisation). A no-op
-  when `cfg.lora` is None.
+  Yields the `Matches` so far (to check the targets after initialisation). A no-op when
+  `cfg.lora` is None.
   """
   lora = cfg.lora
-  matched: set[str] = set()
+  matched = Matches()
   if lora is None:
     yield matched
     return
@@ -196,10 +204,11 @@ def adapters(cfg: ModelConfig) -> Iterator[set[str]]:
     path = tuple(module.path)
     if not path or path[0] != "backbone":
       return next_fun(*args, **kwargs)
+    matched.dense_paths.add(".".join(p for p in path[1:] if p != "layers"))
     hits = [t for t in lora.targets if matches(t, path[1:])]
     if not hits:
       return next_fun(*args, **kwargs)
-    matched.update(hits)
+    matched.targets.update(hits)
     y = next_fun(*args, **kwargs)
     return y + _low_rank_delta(module, args[0], lora).astype(y.dtype)
 
@@ -207,14 +216,13 @@ def adapters(cfg: ModelConfig) -> Iterator[set[str]]:
     yield matched
 
 
-def check_targets(cfg: ModelConfig, matched: set[str], dense_paths: Sequence[str] = ()) -> None:
+def check_targets(cfg: ModelConfig, matched: Matches) -> None:
   """Raises if a `lora.targets` entry named no dense layer of the backbone."""
-  missing = [t for t in cfg.lora.targets if t not in matched]
+  missing = [t for t in cfg.lora.targets if t not in matched.targets]
   if missing:
     raise ValueError(
       f"lora.targets={','.join(cfg.lora.targets)}: {', '.join(missing)} matches no dense layer "
-      f"of model.arch={cfg.arch!r}"
-      + (f"; its dense layers are {', '.join(dense_paths)}" if dense_paths else "")
+      f"of model.arch={cfg.arch!r}; its dense layers are {', '.join(sorted(matched.dense_paths))}"
     )
 
 
