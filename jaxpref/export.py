@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from jaxpref import cli, reward_stats
+from jaxpref import cli
+from jaxpref.evaluation import reward_stats
 
 FLAGS = flags.FLAGS
 
@@ -59,8 +60,8 @@ def export(
   `adapter=True` as a PEFT adapter directory for the run's base checkpoint. The run's held-out
   reward statistics (`reward_stats.json`, if any) go into the export.
   """
-  from jaxpref.model_source import load_for_inference
   from jaxpref.models import hf_io, lora, peft_io
+  from jaxpref.models.source import load_for_inference
 
   workdir = Path(workdir)
   cfg, params, tokenizer_path, step = load_for_inference(workdir=str(workdir), step=step)

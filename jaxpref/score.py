@@ -20,8 +20,9 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from jaxpref import cli, reward_stats
+from jaxpref import cli
 from jaxpref.data.errors import DataError
+from jaxpref.evaluation import reward_stats
 
 FLAGS = flags.FLAGS
 
@@ -147,7 +148,7 @@ def score_records(
 ) -> tuple[list[dict], Counter]:
   """Adds rewards to each record (see module docstring); returns the output records and skips.
 
-  `stats` (`jaxpref.reward_stats`) standardises the rewards: (reward - mean) / std.
+  `stats` (`jaxpref.evaluation.reward_stats`) standardises the rewards: (reward - mean) / std.
   """
   skipped: Counter = Counter()
   parsed = []
@@ -186,8 +187,8 @@ def main(argv) -> None:
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
   from jaxpref.data.tokenize import load_tokenizer
-  from jaxpref.model_source import load_for_inference
-  from jaxpref.scoring import Scorer
+  from jaxpref.evaluation.scoring import Scorer
+  from jaxpref.models.source import load_for_inference
 
   cfg, params, tokenizer_path, step = load_for_inference(
     model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step

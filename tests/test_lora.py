@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -15,10 +14,13 @@ import pytest
 import train_helpers as th
 from flax import traverse_util
 
-from jaxpref import aot, export, objectives, reward_stats, train_state
+from jaxpref import aot, export
+from jaxpref.data.batch import PaddedBatch
+from jaxpref.evaluation import reward_stats
 from jaxpref.models import lora, reward_model
 from jaxpref.models.config import ModelConfig
-from jaxpref.train_step import train_step
+from jaxpref.objectives import objective as objectives
+from jaxpref.training import step as train_step_lib
 from jaxpref.training import trainable
 
 GPT2_EOS = 50256
@@ -41,7 +43,9 @@ def _tokens(b=3, length=12, seed=0):
 
 
 def _flat(params):
-  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+  return {
+    "/".join(k): np.array(v, copy=True) for k, v in traverse_util.flatten_dict(params).items()
+  }
 
 
 def test_adapters_start_at_the_base_model_and_merge_exactly(arch="gpt_neox"):
@@ -98,12 +102,12 @@ def test_targets_by_name_and_clear_errors():
 
 def _batch(b=4, n=2, length=8, seed=0):
   rng = np.random.default_rng(seed)
-  return {
-    "input_ids": jnp.asarray(rng.integers(1, 64, (b, n, length)), jnp.int32),
-    "attention_mask": jnp.ones((b, n, length), jnp.int32),
-    "scores": jnp.asarray(np.tile([1.0, 0.0], (b, 1)), jnp.float32),
-    "task_ids": jnp.zeros((b,), jnp.int32),
-  }
+  return PaddedBatch(
+    input_ids=jnp.asarray(rng.integers(1, 64, (b, n, length)), jnp.int32),
+    attention_mask=jnp.ones((b, n, length), jnp.int32),
+    scores=jnp.asarray(np.tile([1.0, 0.0], (b, 1)), jnp.float32),
+    task_ids=jnp.zeros((b,), jnp.int32),
+  )
 
 
 def test_train_step_changes_only_adapters_and_head():
@@ -115,26 +119,22 @@ def test_train_step_changes_only_adapters_and_head():
     dtype="bfloat16",
     remat=True,
   )
-  optimizer = optax.adam(1e-2)
-  state = train_state.init_state(cfg, optimizer, 1, jax.random.key(0))
+  program = train_step_lib.build_train_step(
+    cfg,
+    loss_cfg=objectives.LossConfig(kind="more"),
+    optimizer=optax.adam(1e-2),
+    schedule=optax.constant_schedule(1e-2),
+    num_tasks=1,
+    grad_accum_steps=2,
+  )
+  state = program.init(jax.random.key(0))
   before = _flat(state.params)
   # No optimizer state for the frozen base: Adam's moments cover the trainable part only.
   trained_count, total = lora.count_trainable(cfg, state.params)
   moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
   assert moments == 2 * trained_count < total
-  step = jax.jit(
-    functools.partial(
-      train_step,
-      model_cfg=cfg,
-      loss_cfg=objectives.LossConfig(kind="more"),
-      optimizer=optimizer,
-      schedule=lambda _: 1e-2,
-      num_tasks=1,
-      grad_accum_steps=2,
-    )
-  )
   for i in range(2):
-    state, metrics = step(state, _batch(seed=i))
+    state, metrics = program.step_fn(state, _batch(seed=i))
   assert np.isfinite(float(metrics["loss"]))
   after = _flat(state.params)
   for path, value in before.items():
@@ -243,9 +243,9 @@ def test_lora_run_exports_merged_and_peft_adapter(torch, llama_base, tmp_path):
   import peft
   import transformers
 
-  from jaxpref.model_source import load_for_inference
+  from jaxpref.evaluation.scoring import score_fn
   from jaxpref.models import hf_io
-  from jaxpref.scoring import score_fn
+  from jaxpref.models.source import load_for_inference
 
   workdir = tmp_path / "run"
   # Packing, remat and MORE together with LoRA.

@@ -11,9 +11,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from jaxpref import objectives, sharding
+from jaxpref import sharding
 from jaxpref.models import lora, reward_model
 from jaxpref.models.config import ModelConfig
+from jaxpref.objectives import objective as objectives
 from jaxpref.training import trainable
 
 
@@ -25,7 +26,6 @@ class TrainState:
   params: Any
   opt_state: Any
   objective: Any  # objectives.ObjectiveState (MORE momentum); tiny and replicated.
-  rng: jax.Array
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -76,7 +76,8 @@ def init_state(
   params=None,
 ) -> TrainState:
   """A fresh state; random parameters unless `params` is given."""
-  init_rng, state_rng = jax.random.split(rng)
+  # The first half of a split, as before `TrainState.rng` was removed: same seed, same init.
+  init_rng, _ = jax.random.split(rng)
   if params is None:
     params = reward_model.init_params(model_cfg, init_rng)
   else:  # Loaded weights: LoRA's adapters start fresh (a no-op without LoRA).
@@ -87,7 +88,6 @@ def init_state(
     # Only the trainable part has optimizer state (all of it unless LoRA freezes the base).
     opt_state=optimizer.init(trainable.trainable_params(model_cfg, params)),
     objective=objectives.init_objective_state(num_tasks, model_cfg.hidden_size),
-    rng=state_rng,
   )
 
 
@@ -121,7 +121,6 @@ def state_shardings(model_cfg: ModelConfig, abstract_state: TrainState, mesh: Me
     params=param_shardings,
     opt_state=opt_shardings,
     objective=jax.tree.map(lambda _: replicated, abstract_state.objective),
-    rng=replicated,
   )
 
 
