@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxpref.models import hf_io
 from jaxpref.models.config import ModelConfig
 
 
@@ -111,6 +112,4 @@ def preset(name: str, **overrides) -> ModelConfig:
   """
   if name not in PRESETS:
     raise ValueError(f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
-  from jaxpref.models import hf_io
-
   return hf_io.from_hf(PRESETS[name], **overrides)
