@@ -211,7 +211,8 @@ def qwen3_moe_config_from_hf(hf_cfg: dict[str, Any]) -> dict[str, Any]:
     )
   window = hf_cfg.get("sliding_window") if hf_cfg.get("use_sliding_window") else None
   return fields | {
-    "num_experts": hf_cfg.get("num_experts", 128),
+    # transformers 5 writes `num_local_experts`; older files `num_experts`.
+    "num_experts": hf_cfg.get("num_local_experts") or hf_cfg.get("num_experts") or 128,
     "num_experts_per_tok": hf_cfg.get("num_experts_per_tok", 8),
     "moe_intermediate_size": hf_cfg.get("moe_intermediate_size", 768),
     "norm_topk_prob": bool(hf_cfg.get("norm_topk_prob", False)),
@@ -227,6 +228,7 @@ def qwen3_moe_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     "use_sliding_window": bool(cfg.sliding_window),
     "sliding_window": cfg.sliding_window or None,
     "num_experts": cfg.num_experts,
+    "num_local_experts": cfg.num_experts,
     "num_experts_per_tok": cfg.num_experts_per_tok,
     "moe_intermediate_size": cfg.moe_intermediate_size,
     "norm_topk_prob": cfg.norm_topk_prob,
