@@ -171,7 +171,12 @@ def test_dense_blocked_and_packed_agree(torch, tmp_path, variant):
   model.save_pretrained(str(tmp_path))
   cfg, params = hf_io.load_hf(tmp_path)
   ids, mask = tokens([10, 3, 7, 1, 9, 0], 10, left=True, seed=2)
-  batch = {"input_ids": ids.reshape(3, 2, 10), "attention_mask": mask.reshape(3, 2, 10)}
+  batch = {
+    "input_ids": ids.reshape(3, 2, 10),
+    "attention_mask": mask.reshape(3, 2, 10),
+    "scores": np.ones((3, 2), np.float32),
+    "task_ids": np.zeros((3,), np.int32),
+  }
   want_bn = _score(cfg.replace(attention="dense"), params, jax.tree.map(jnp.asarray, batch))
   hf_rewards, _ = hf_run(torch, model, ids, mask)
   real = mask.sum(-1) > 0

@@ -42,3 +42,22 @@ def test_known_sizes_without_torch():
 def test_unknown_preset_lists_known_ones():
   with pytest.raises(ValueError, match="pythia-1.4b"):
     presets.preset("pythia-1b")
+
+
+def test_new_family_presets_read_their_switches():
+  gemma3 = presets.preset("gemma-3-12b")
+  assert gemma3.sliding_layers == tuple((i + 1) % 6 != 0 for i in range(48))
+  assert (gemma3.sliding_window, gemma3.rope_local_theta, gemma3.rope_theta) == (1024, 1e4, 1e6)
+  assert dict(gemma3.rope_scaling) == {"factor": 8.0, "rope_type": "linear"}
+  gemma2 = presets.preset("gemma-2-9b")
+  assert gemma2.sliding_layers[:4] == (True, False, True, False)
+  assert (gemma2.attn_logit_softcap, gemma2.query_pre_attn_scalar) == (50.0, 256.0)
+  assert presets.preset("mistral-7b-v0.1").sliding_layers == (True,) * 32
+  assert presets.preset("mistral-7b-v0.3").sliding_window == 0
+  moe = presets.preset("qwen3-30b-a3b")
+  assert (moe.num_experts, moe.num_experts_per_tok, moe.norm_topk_prob) == (128, 8, True)
+  # The published 30.5B includes the untied LM head; the reward model has a 1-output head instead.
+  lm_head = moe.vocab_size * moe.hidden_size
+  assert 30.4e9 < rm.count_params(rm.abstract_params(moe)) + lm_head < 30.6e9
+  qwen = presets.preset("qwen2.5-7b")
+  assert qwen.sliding_window == 0 and qwen.arch == "qwen2" and qwen.kv_heads == 4

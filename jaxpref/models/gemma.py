@@ -69,7 +69,8 @@ def _common_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
   return base_config_to_hf(cfg, model_type) | {
     "hidden_activation": cfg.hidden_act,
     "attention_bias": cfg.attention_bias,
-    "query_pre_attn_scalar": cfg.query_pre_attn_scalar or cfg.dim_per_head,
+    # transformers' config class wants an int here.
+    "query_pre_attn_scalar": int(cfg.query_pre_attn_scalar or cfg.dim_per_head),
     "sliding_window": cfg.sliding_window or None,
     "layer_types": ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers],
     "final_logit_softcapping": None,
