@@ -19,6 +19,8 @@ This module imports no architecture: `registry` imports the architectures, which
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -190,13 +192,26 @@ class Arch:
   def export_class(self) -> str:
     return next(c for c in self.classes if c.endswith("ForSequenceClassification"))
 
-  def params_from_hf(self, tensors: Tensors, cfg: ModelConfig, abstract: Any) -> dict[str, Any]:
-    """Backbone and head params; `abstract` is the reward model's `abstract_params(cfg)`."""
+  def params_from_hf(
+    self, tensors: Tensors, cfg: ModelConfig, abstract: Any, shardings: Any = None
+  ) -> dict[str, Any]:
+    """Backbone and head params; `abstract` is the reward model's `abstract_params(cfg)`.
+
+    With `shardings` (shaped like `abstract`), the backbone comes back as global jax Arrays read
+    slice by slice (`tensors` must then read slices, see `safetensors_files.SafetensorsStore`);
+    head params stay host arrays (they are one vector or matrix of hidden_size).
+    """
     if self.check_tensors:
       self.check_tensors(tensors, cfg)
     take = Taker(tensors, self.hf_prefix, cfg)
-    params = {"backbone": params_from_hf(self.table(cfg), abstract["backbone"], take)}
-    return params | (self.head_from_hf or score_head_from_hf)(tensors, cfg)
+    table = self.table(cfg)
+    if shardings is None:
+      backbone = params_from_hf(table, abstract["backbone"], take)
+    else:
+      backbone = sharded_params_from_hf(
+        table, abstract["backbone"], tensors, take, shardings["backbone"]
+      )
+    return {"backbone": backbone} | (self.head_from_hf or score_head_from_hf)(tensors, cfg)
 
   def params_to_hf(self, params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
     backbone = to_numpy(params["backbone"])
@@ -213,6 +228,91 @@ class Arch:
     if self.incompatibility:
       return self.incompatibility(cfg)
     return last_token_incompatibility(cfg, self.export_class)
+
+
+def read_region(layout: str, read, shape: Sequence[int], index: Sequence[slice]) -> np.ndarray:
+  """The part `index` of one (per-layer) parameter of `shape`, read from its HF tensor.
+
+  `read(rows, cols)` reads rows [and columns] of the HF tensor. A region whose slices are on the
+  leading axis of the parameter's input and output groups (what the logical sharding rules
+  produce) is read as one HF block; any other falls back to reading the whole tensor.
+  """
+  bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
+  region = tuple(b - a for a, b in bounds)
+
+  def leading_only(group: Sequence[tuple[int, int]], sizes: Sequence[int]) -> bool:
+    return all(group[k] == (0, sizes[k]) for k in range(1, len(sizes)))
+
+  def whole() -> np.ndarray:
+    return from_hf(layout, read(None, None), shape)[tuple(slice(a, b) for a, b in bounds)]
+
+  if layout == "copy":
+    if len(shape) > 2:
+      return whole()
+    return read(slice(*bounds[0]), slice(*bounds[1]) if len(shape) == 2 else None)
+  if layout == "flat":
+    if not leading_only(bounds, shape):
+      return whole()
+    step = math.prod(shape[1:])
+    return read(slice(bounds[0][0] * step, bounds[0][1] * step), None).reshape(region)
+  n_in = 1 if layout == "linear" else 2
+  if not (leading_only(bounds[:n_in], shape[:n_in]) and leading_only(bounds[n_in:], shape[n_in:])):
+    return whole()
+  step_in, step_out = math.prod(shape[1:n_in]), math.prod(shape[n_in + 1 :])
+  rows = slice(bounds[n_in][0] * step_out, bounds[n_in][1] * step_out)
+  cols = slice(bounds[0][0] * step_in, bounds[0][1] * step_in)
+  return read(rows, cols).T.reshape(region)
+
+
+def sharded_params_from_hf(
+  table: Iterable[Tensor], abstract_backbone: Any, store: Any, take: Taker, shardings: Any
+) -> dict[str, Any]:
+  """Backbone params as global `jax.Array`s; each process reads only its own devices' slices.
+
+  `store` reads slices (`shape(key)`, `read_slice(key, rows, cols)`, see `safetensors_files`);
+  `shardings` is a pytree of shardings shaped like the backbone params.
+  """
+  shapes, placements = _flatten(abstract_backbone), _flatten(shardings)
+  dtype = take.cfg.jnp_param_dtype
+  out = {}
+  for entry in _entries(table, shapes):
+    full = shapes[entry.path]
+    axes = ("{i}" in entry.hf) + ("{e}" in entry.hf)
+    inner = full.shape[axes:]
+    keys = {}
+    for index in np.ndindex(*full.shape[:axes]):
+      key = take.key(_name(entry, index))
+      want = hf_shape(entry.layout, inner)
+      if tuple(store.shape(key)) != want:
+        raise CheckpointError(
+          f"tensor {key} has shape {tuple(store.shape(key))}, expected {want} from config.json"
+        )
+      keys[index] = key
+
+    def callback(index, entry=entry, full=full, axes=axes, inner=inner, keys=keys):
+      stacked = [range(*s.indices(n)) for s, n in zip(index[:axes], full.shape[:axes])]
+      pieces = [
+        read_region(
+          entry.layout,
+          functools.partial(store.read_slice, keys[combo]),
+          inner,
+          index[axes:],
+        ).astype(dtype)
+        for combo in itertools.product(*stacked)
+      ]
+      return np.stack(pieces).reshape(*(len(r) for r in stacked), *pieces[0].shape)
+
+    out[entry.path] = jax.make_array_from_callback(full.shape, placements[entry.path], callback)
+  return _unflatten(out)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Host arrays (the same on every process) as global arrays with these shardings."""
+  return jax.tree.map(
+    lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: np.asarray(x[index])),
+    tree,
+    shardings,
+  )
 
 
 # ---------------------------------------------------------------------------------------------

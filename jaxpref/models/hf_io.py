@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref.models import registry
+from jaxpref import sharding
+from jaxpref.models import convert, registry
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.convert import CheckpointError, to_numpy
-from jaxpref.models.reward_model import abstract_params
+from jaxpref.models.reward_model import abstract_params, logical_axes
+from jaxpref.models.safetensors_files import open_weights
 
 __all__ = ["CheckpointError", "from_hf", "load_hf", "read_config", "save_hf", "to_numpy"]
 
@@ -59,71 +61,6 @@ _TOKENIZER_FILES = (
 # ---------------------------------------------------------------------------------------------
 # Reading a checkpoint directory.
 # ---------------------------------------------------------------------------------------------
-
-
-class SafetensorsStore(Mapping):
-  """Lazily read tensors of one or several safetensors files; remembers which were read."""
-
-  def __init__(self, files_by_key: dict[str, Path]):
-    self._files_by_key = files_by_key
-    self._handles: dict[Path, Any] = {}
-    self.read: set[str] = set()
-
-  def file_of(self, key: str) -> Path:
-    return self._files_by_key[key]
-
-  def __getitem__(self, key: str) -> np.ndarray:
-    from safetensors import safe_open
-
-    path = self._files_by_key[key]
-    if path not in self._handles:
-      self._handles[path] = safe_open(str(path), framework="np")
-    self.read.add(key)
-    return self._handles[path].get_tensor(key)
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._files_by_key)
-
-  def __len__(self) -> int:
-    return len(self._files_by_key)
-
-
-def _open_weights(directory: Path) -> SafetensorsStore:
-  from safetensors import safe_open
-
-  index = directory / "model.safetensors.index.json"
-  single = directory / "model.safetensors"
-  if index.is_file():
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
-    for shard in sorted(set(weight_map.values())):
-      if not (directory / shard).is_file():
-        raise CheckpointError(f"{index} lists shard {shard}, which is missing from {directory}")
-    return SafetensorsStore({k: directory / v for k, v in weight_map.items()})
-  files = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
-  if not files:
-    others = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".h5")]
-    hint = (
-      (
-        f"; found {others[0]}: jaxpref reads only safetensors (re-save it with transformers' "
-        "save_pretrained, which writes safetensors)"
-      )
-      if others
-      else ""
-    )
-    raise CheckpointError(
-      f"no model.safetensors or model.safetensors.index.json in {directory}{hint}"
-    )
-  files_by_key = {}
-  for path in files:
-    try:
-      with safe_open(str(path), framework="np") as f:
-        files_by_key |= dict.fromkeys(f.keys(), path)
-    except Exception as e:  # safetensors raises its own error types for corrupt files.
-      raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
-  return SafetensorsStore(files_by_key)
 
 
 def _checkpoint_dir(path: str | Path) -> Path:
@@ -236,6 +173,7 @@ def load_hf(
   param_dtype: str | None = None,
   pooling: str | None = None,
   head_seed: int = 0,
+  mesh: jax.sharding.Mesh | None = None,
   **overrides,
 ) -> tuple[ModelConfig, dict]:
   """Loads a local Hugging Face checkpoint as a jaxpref reward model.
@@ -249,10 +187,15 @@ def load_hf(
       *ForSequenceClassification uses).
     head_seed: seed of the reward head when the checkpoint has none (not a
       *ForSequenceClassification): normal(0, initializer_range), as transformers initialises it.
+    mesh: place the params on this mesh by the logical sharding rules
+      (`jaxpref.sharding.LOGICAL_RULES`). Each process then reads from the files only the slices
+      its own devices hold, never the whole model (what a checkpoint larger than one host's
+      memory needs).
     **overrides: other ModelConfig fields (e.g. remat=True).
 
   Returns:
-    (cfg, params) with params as host numpy arrays in the layout of `reward_model.init_params`.
+    (cfg, params) with params in the layout of `reward_model.init_params`: host numpy arrays, or
+    global jax Arrays sharded over `mesh`.
 
   Raises:
     CheckpointError: missing or unreadable files, unsupported architecture, num_labels != 1,
@@ -270,10 +213,13 @@ def load_hf(
         "a reward model needs num_labels=1 (load the base model instead)"
       )
   cfg = from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype, pooling=pooling, **overrides)
-  tensors = _open_weights(directory)
+  tensors = open_weights(directory)
   expected = abstract_params(cfg)
+  shardings = None
+  if mesh is not None:
+    shardings = sharding.tree_shardings(expected, logical_axes(cfg), mesh)
   try:
-    params: dict[str, Any] = arch.params_from_hf(tensors, cfg, expected)
+    params: dict[str, Any] = arch.params_from_hf(tensors, cfg, expected, shardings)
   except CheckpointError as e:
     raise CheckpointError(f"{where}: {e}") from e
   except (KeyError, ValueError) as e:
@@ -286,7 +232,12 @@ def load_hf(
   unused = [k for k in tensors if k not in tensors.read and not _UNUSED.search(k)]
   if unused:
     log.warning("%s: %d checkpoint tensors were not used, e.g. %s", where, len(unused), unused[:3])
-  return cfg, _check_tree(params, cfg, expected, where)
+  _check_tree(params, cfg, expected, where)
+  if shardings is not None:
+    heads = {k: v for k, v in params.items() if k != "backbone"}
+    params |= convert.place(heads, {k: shardings[k] for k in heads})
+    log.info("%s: read %d bytes of tensor data in this process", where, tensors.bytes_read)
+  return cfg, params
 
 
 def _resolve_pad_id(cfg: ModelConfig, tokenizer: Any, pad_token_id: int | None) -> int | None:
