@@ -61,3 +61,44 @@ def test_new_family_presets_read_their_switches():
   assert 30.4e9 < rm.count_params(rm.abstract_params(moe)) + lm_head < 30.6e9
   qwen = presets.preset("qwen2.5-7b")
   assert qwen.sliding_window == 0 and qwen.arch == "qwen2" and qwen.kv_heads == 4
+
+
+@pytest.mark.slow  # About a minute each: compiles a full-size train step for 8 CPU devices.
+@pytest.mark.parametrize("name", ["gemma-3-12b", "qwen3-30b-a3b"])
+def test_aot_plans_new_family_presets(tmp_path, name):
+  import json
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  repo = Path(__file__).resolve().parents[1]
+  out = tmp_path / "plan.json"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxpref.aot",
+      f"--config={repo / 'configs' / 'tiny.py'}",
+      f"--config.model.preset={name}",
+      "--config.model.dtype=bfloat16",
+      "--config.model.remat=True",
+      "--num_cpu_devices=8",
+      "--config.mesh.data=1",
+      "--config.mesh.fsdp=4",
+      "--config.mesh.tensor=2",
+      "--config.data.max_length=512",
+      "--config.train.batch_size=8",
+      f"--json_out={out}",
+    ],
+    cwd=repo,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  plan = json.loads(out.read_text())
+  assert plan["param_count"] == rm.count_params(rm.abstract_params(presets.preset(name)))
+  assert plan["param_bytes_per_device"] < plan["param_bytes_total"] / 7
