@@ -137,7 +137,9 @@ def train_and_evaluate(
   )
 
   # --- Model and data. ------------------------------------------------------------------------
-  model_cfg, loaded_params = load_model(config.model, seed=config.train.seed)
+  # The mesh comes first so that each process reads only its own slices of a checkpoint.
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  model_cfg, loaded_params = load_model(config.model, seed=config.train.seed, mesh=mesh)
   data = train_data.prepare(config, model_cfg)
   model_cfg = data.model_cfg
   num_tasks = len(data.task_names)
@@ -148,7 +150,6 @@ def train_and_evaluate(
   )
 
   # --- Mesh and sharded state. ----------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   _check_config(config, mesh, model_cfg)
   logging.info(
     "Mesh %s over %d devices (%d processes)",

@@ -70,3 +70,47 @@ def test_train_export_transformers(tmp_path, monkeypatch, case):
   with torch.no_grad():
     before = base_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
   assert not np.allclose(before[:, 0].numpy(), theirs.numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_training_reads_half_the_checkpoint_each(tmp_path, monkeypatch):
+  """`jaxpref.train` on 2 processes (fsdp=2) from a checkpoint: each reads its half only."""
+  import re
+
+  torch = pytest.importorskip("torch")
+  import transformers
+
+  monkeypatch.setitem(VARIANTS, "case", ("Gemma2Config", VARIANTS["gemma2"][1] | SIZES))
+  base = tmp_path / "base"
+  hf_model(torch, "case").save_pretrained(str(base))
+  size = (base / "model.safetensors").stat().st_size
+  workdir, hf_dir = tmp_path / "run", tmp_path / "hf"
+  results = th.run_train_multiprocess(
+    workdir,
+    f"--config.model.path={base}",
+    "--config.train.steps=2",
+    "--config.mesh.data=1",
+    "--config.mesh.fsdp=2",
+  )
+  for result in results:
+    read = [int(n) for n in re.findall(r"read (\d+) bytes of tensor data", result.stderr)]
+    assert read and 0.4 * size < read[0] < 0.6 * size, (read, size)
+  subprocess.run(
+    [sys.executable, "-m", "jaxpref.export", f"--workdir={workdir}", f"--output={hf_dir}"],
+    check=True,
+    env=th.env_with(),
+    cwd=th.REPO,
+    capture_output=True,
+    text=True,
+  )
+  from jaxpref.model_source import load_for_inference
+  from jaxpref.scoring import score_fn
+
+  cfg, params, _, _ = load_for_inference(workdir=str(workdir))
+  ids = np.array([[5, 17, 300, 4000, 9, 77]])
+  ours, _ = score_fn(cfg, params, jnp.asarray(ids[:, None], jnp.int32), jnp.ones((1, 1, 6), int))
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(ids)).logits[:, 0].numpy()
+  np.testing.assert_allclose(np.asarray(ours)[:, 0], theirs, atol=1e-4)
