@@ -68,7 +68,7 @@ def _score(cfg, params, batch):
 
 @pytest.mark.parity
 @pytest.mark.parametrize(
-  "variant", ["gemma2", pytest.param("gemma3", marks=pytest.mark.slow), "qwen3_moe"]
+  "variant", ["gemma2", *(pytest.param(v, marks=pytest.mark.slow) for v in ("gemma3", "qwen3_moe"))]
 )
 def test_dense_blocked_and_packed_agree(torch, tmp_path, variant):
   model = hf_model(torch, variant, seed=1)
@@ -120,3 +120,15 @@ def test_save_hf_round_trip_through_transformers(torch, tmp_path, variant):
   cfg2, params2 = hf_io.load_hf(out_dir)
   assert cfg2 == cfg
   jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+@pytest.mark.parity
+def test_bfloat16_checkpoint_loads_exactly(torch, tmp_path):
+  """Published checkpoints are bfloat16, which safetensors' numpy binding cannot represent."""
+  model = hf_model(torch, "qwen2_tied").to(torch.bfloat16)
+  model.save_pretrained(str(tmp_path))
+  _, params = hf_io.load_hf(tmp_path, param_dtype="bfloat16")
+  got = params["backbone"]["layers"]["self_attn"]["q_proj"]["kernel"][1]
+  want = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy().T.reshape(got.shape)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32), want)
