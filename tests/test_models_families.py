@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from hf_models import LENGTHS, VARIANTS, hf_model, hf_run, tokens
 
-from jaxpref import scoring
 from jaxpref.data import packing
+from jaxpref.data.batch import PaddedBatch
+from jaxpref.evaluation import scoring
 from jaxpref.models import hf_io
 from jaxpref.models import reward_model as rm
 
@@ -81,12 +82,13 @@ def test_dense_blocked_and_packed_agree(torch, tmp_path, variant):
     "scores": np.ones((3, 2), np.float32),
     "task_ids": np.zeros((3,), np.int32),
   }
-  want_bn = _score(cfg.replace(attention="dense"), params, jax.tree.map(jnp.asarray, batch))
+  padded = PaddedBatch.from_dict(jax.tree.map(jnp.asarray, batch))
+  want_bn = _score(cfg.replace(attention="dense"), params, padded)
   hf_rewards, _ = hf_run(torch, model, ids, mask)
   real = mask.sum(-1) > 0
   np.testing.assert_allclose(np.asarray(want_bn).ravel()[real], hf_rewards[real], atol=1e-4)
   blocked = cfg.replace(attention="blocked", attention_block=3)
-  got_bn = _score(blocked, params, jax.tree.map(jnp.asarray, batch))
+  got_bn = _score(blocked, params, padded)
   np.testing.assert_allclose(got_bn, want_bn, atol=2e-5, rtol=1e-5)
   packed = packing.pack_batch(batch, row_length=16)
   got_bn = _score(blocked, params, jax.tree.map(jnp.asarray, packed))

@@ -36,8 +36,8 @@ def test_train_export_transformers(tmp_path, monkeypatch, case):
   torch = pytest.importorskip("torch")
   import transformers
 
-  from jaxpref.model_source import load_for_inference
-  from jaxpref.scoring import score_fn
+  from jaxpref.evaluation.scoring import score_fn
+  from jaxpref.models.source import load_for_inference
 
   variant, extra = CASES[case]
   monkeypatch.setitem(
@@ -106,8 +106,8 @@ def test_two_process_training_reads_half_the_checkpoint_each(tmp_path, monkeypat
     capture_output=True,
     text=True,
   )
-  from jaxpref.model_source import load_for_inference
-  from jaxpref.scoring import score_fn
+  from jaxpref.evaluation.scoring import score_fn
+  from jaxpref.models.source import load_for_inference
 
   cfg, params, _, _ = load_for_inference(workdir=str(workdir))
   ids = np.array([[5, 17, 300, 4000, 9, 77]])

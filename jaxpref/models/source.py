@@ -9,9 +9,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxpref import checkpointing
-from jaxpref.models import reward_model
+from jaxpref.models import hf_io, presets, reward_model
 from jaxpref.models.config import ModelConfig
+from jaxpref.training import workdir as workdir_lib
 
 # Fields a user may change on top of a checkpoint or preset.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_block")
@@ -21,8 +21,6 @@ def model_config_from_config(model: ml_collections.ConfigDict) -> ModelConfig:
   """The ModelConfig that `model.*` describes (random init from its size fields, or a preset)."""
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   if model.preset:
-    from jaxpref.models import presets
-
     cfg = presets.preset(model.preset)
     changes = {k: model[k] for k in RUNTIME_FIELDS}
   else:
@@ -45,8 +43,6 @@ def load_model(
   """
   if not model.path:
     return model_config_from_config(model), None
-  from jaxpref.models import hf_io
-
   cfg, params = hf_io.load_hf(model.path, head_seed=seed, mesh=mesh, param_dtype=model.param_dtype)
   changes = {k: model[k] for k in RUNTIME_FIELDS}
   if model.pooling:
@@ -61,11 +57,9 @@ def load_for_inference(
   if bool(model) == bool(workdir):
     raise ValueError("give exactly one of --model=HF_DIR or --workdir=DIR")
   if model:
-    from jaxpref.models import hf_io
-
     cfg, params = hf_io.load_hf(model)
     return cfg, params, model, None
-  cfg = checkpointing.read_model_config(workdir)
+  cfg = workdir_lib.read_model_config(workdir)
   # A concrete target sharding: a checkpoint written by a multi-process run names devices that
   # this run may not have. One device, or replicated over all when this run is multi-process.
   if jax.process_count() == 1:
@@ -77,6 +71,6 @@ def load_for_inference(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target),
     reward_model.abstract_params(cfg),
   )
-  step, params = checkpointing.restore_params(workdir, step, abstract)
+  step, params = workdir_lib.restore_params(workdir, step, abstract)
   tokenizer_path = str(Path(workdir) / "tokenizer")
   return cfg, params, tokenizer_path, step
