@@ -11,8 +11,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
 from absl import app, flags
 
 from jaxpref import cli
@@ -34,7 +32,7 @@ def export(workdir: str | Path, output: str | Path, step: int | None = None) -> 
   from jaxpref.models.source import load_for_inference
 
   cfg, params, tokenizer_path, step = load_for_inference(workdir=str(workdir), step=step)
-  params = jax.tree.map(np.asarray, jax.device_get(params))
+  # save_hf gathers sharded (also multi-process) arrays itself; process 0 writes the files.
   hf_io.save_hf(output, cfg, params, tokenizer_path)
   temperature = Path(workdir) / "temperature.json"
   if temperature.is_file():

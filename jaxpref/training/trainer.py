@@ -170,11 +170,12 @@ def train_and_evaluate(
   train_step_lib.loss_config(config.loss)  # Bad loss settings fail here, before any data is read.
 
   # --- Model, mesh, then data. ---------------------------------------------------------------
-  # The model config is settled (token ids from the tokenizer) before any data is read.
-  model_cfg, loaded_params = load_model(config.model, seed=config.train.seed)
+  # The mesh comes first so that each process reads only its own slices of a checkpoint; the
+  # model config is settled (token ids from the tokenizer) before any data is read.
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  model_cfg, loaded_params = load_model(config.model, seed=config.train.seed, mesh=mesh)
   tokenizer = train_data.load_tokenizer(config)
   model_cfg = train_data.settle_model_config(model_cfg, tokenizer)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   _check_config(config, mesh, model_cfg)
   logging.info(
     "Mesh %s over %d devices (%d processes)",
