@@ -1,8 +1,12 @@
 """`python -m jaxpref.export --workdir=DIR [--step=N] --output=HF_DIR`: a trained RM to HF.
 
-Writes a `*ForSequenceClassification` directory (one label) with the run's tokenizer, which
-`transformers.AutoModelForSequenceClassification.from_pretrained(HF_DIR)` loads and which gives the
-same rewards as jaxpref; `jaxpref.score --model=HF_DIR` reads it back.
+Writes a `*ForSequenceClassification` directory (one label) with the run's tokenizer configured
+with its input contract (docs/what_the_model_sees.md), so that a plain
+`AutoTokenizer.from_pretrained(HF_DIR)(texts, truncation=True)` +
+`AutoModelForSequenceClassification.from_pretrained(HF_DIR)` (or a `text-classification` pipeline
+with `function_to_apply="none"`) gives the rewards jaxpref gives; `jaxpref.score --model=HF_DIR`
+reads it back. A model transformers cannot reproduce (a BERT with mean pooling, say) is refused
+unless `--nostrict`, which writes a checkpoint that only jaxpref scores faithfully.
 """
 
 from __future__ import annotations
@@ -25,17 +29,40 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A jaxpref training workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("output", None, "Directory to write the Hugging Face checkpoint to.")
+  flags.DEFINE_boolean(
+    "strict",
+    True,
+    "Refuse a model that transformers would score differently (e.g. a BERT with mean "
+    "pooling); --nostrict writes it anyway, for jaxpref (`jaxpref.score --model=`) only.",
+  )
   flags.mark_flags_as_required(["workdir", "output"])
 
 
-def export(workdir: str | Path, output: str | Path, step: int | None = None) -> int:
+def export(
+  workdir: str | Path, output: str | Path, step: int | None = None, *, strict: bool = True
+) -> int:
   """Exports a checkpoint of `workdir` to `output`; returns the exported step."""
-  from jaxpref.model_source import load_for_inference
+  import importlib
+
+  from jaxpref.data import contract as input_contract
+  from jaxpref.model_source import load_for_inference, load_tokenizer_and_contract
   from jaxpref.models import hf_io
 
-  cfg, params, tokenizer_path, step = load_for_inference(workdir=str(workdir), step=step)
+  cfg, params, _, step = load_for_inference(workdir=str(workdir), step=step)
+  module = importlib.import_module(hf_io.HF_ARCHS[cfg.arch].module)
+  reason = getattr(module, "hf_incompatibility", lambda _: None)(cfg)
+  if strict and reason:
+    fix = "model.pooling=pooler" if cfg.arch == "bert" else "model.pooling=last"
+    raise hf_io.CheckpointError(
+      f"{reason}: transformers would give other rewards. Train with --config.{fix} for a "
+      "checkpoint transformers reproduces, or pass --nostrict to export one that only jaxpref "
+      "scores faithfully (jaxpref.score --model=OUTPUT)"
+    )
+  tokenizer, contract = load_tokenizer_and_contract(cfg, workdir=str(workdir))
   params = jax.tree.map(np.asarray, jax.device_get(params))
-  hf_io.save_hf(output, cfg, params, tokenizer_path)
+  cfg = cfg.replace(pad_token_id=contract.pad_id)
+  hf_io.save_hf(output, cfg, params, None, pad_token_id=contract.pad_id, strict=strict)
+  input_contract.save_tokenizer(tokenizer, output, contract)
   temperature = Path(workdir) / "temperature.json"
   if temperature.is_file():
     shutil.copy(temperature, Path(output) / "temperature.json")
@@ -45,7 +72,7 @@ def export(workdir: str | Path, output: str | Path, step: int | None = None) -> 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  step = export(FLAGS.workdir, FLAGS.output, FLAGS.step)
+  step = export(FLAGS.workdir, FLAGS.output, FLAGS.step, strict=FLAGS.strict)
   print(f"jaxpref.export: step {step} of {FLAGS.workdir} -> {FLAGS.output}", file=sys.stderr)
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
 
 from jaxpref import checkpointing
+from jaxpref.data import contract as input_contract
 from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
 
@@ -65,3 +67,27 @@ def load_for_inference(
   step, params = checkpointing.restore_params(workdir, step, abstract)
   tokenizer_path = str(Path(workdir) / "tokenizer")
   return cfg, params, tokenizer_path, step
+
+
+def load_tokenizer_and_contract(
+  cfg: ModelConfig, *, model: str | None = None, workdir: str | None = None
+) -> tuple[Any, input_contract.InputContract]:
+  """The tokenizer, configured with the model's input contract, and the contract.
+
+  A jaxpref workdir or export has its contract stored (`input_contract.json`); a workdir
+  written before contracts were stored gets one inferred from its config.json (and says so); an
+  external Hugging Face checkpoint gets what transformers does with its own tokenizer.
+  """
+  from jaxpref.data.tokenize import load_tokenizer
+
+  source = workdir or model
+  tokenizer_path = Path(workdir) / "tokenizer" if workdir else Path(model)
+  tokenizer = load_tokenizer(tokenizer_path)
+  contract = input_contract.read(source)
+  if contract is not None:
+    input_contract.apply(tokenizer, contract)
+  elif workdir:
+    contract = input_contract.infer_for_workdir(workdir, tokenizer, cfg)
+  else:
+    contract = input_contract.for_checkpoint(tokenizer, cfg)
+  return tokenizer, contract

@@ -13,6 +13,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from jaxpref import sharding
+from jaxpref.data import contract as input_contract
 from jaxpref.data import packing, pipeline, reader, splits, tokenize
 from jaxpref.data.errors import DataConfigError
 from jaxpref.data.records import DataSummary, PreferenceItem, group_by_task
@@ -28,6 +29,7 @@ class TrainData:
   num_steps: int  # train.steps, or one epoch of the mixed data when that is 0
   summary: DataSummary
   model_cfg: ModelConfig
+  contract: input_contract.InputContract  # what the model sees; stored with the run
 
 
 def task_files(data: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -60,9 +62,9 @@ def select_tasks(available: list[str], wanted: str) -> list[str]:
 
 
 def _with_token_ids(cfg: ModelConfig, tokenizer) -> ModelConfig:
-  """Fills the model's pad / eos ids from the tokenizer where the config leaves them unset."""
+  """The model's pad id is the contract's (the configured tokenizer's); eos where unset."""
   changes = {}
-  if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
+  if tokenizer.pad_token_id is not None and cfg.pad_token_id != tokenizer.pad_token_id:
     changes["pad_token_id"] = int(tokenizer.pad_token_id)
   if cfg.eos_token_id is None and tokenizer.eos_token_id is not None:
     changes["eos_token_id"] = int(tokenizer.eos_token_id)
@@ -82,6 +84,18 @@ def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainD
       "no tokenizer: set data.tokenizer (an HF dir or tokenizer.json) or model.path"
     )
   tokenizer = tokenize.load_tokenizer(tokenizer_path)
+  # The input contract, decided once: the tokenizer is configured to apply it (and saved so).
+  contract = input_contract.configure(
+    tokenizer,
+    max_length=data.max_length,
+    truncation_side=data.truncation_side,
+    special_tokens=data.special_tokens,
+    arch=model_cfg.arch,
+    pooling=model_cfg.pooling,
+    vocab_size=model_cfg.vocab_size,
+    chat_template=bool(getattr(tokenizer, "chat_template", None)),
+  )
+  logging.info("input contract: %s", contract.describe())
   model_cfg = _with_token_ids(model_cfg, tokenizer)
 
   summary = DataSummary()
@@ -119,8 +133,8 @@ def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainD
     num_steps=config.train.steps or None,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-    truncation_side=data.truncation_side,
     buckets=tokenize.length_buckets(data.max_length, data.min_bucket, data.bucket_multiple),
+    contract=contract,
   )
   return TrainData(
     task_names=task_names,
@@ -130,6 +144,7 @@ def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainD
     num_steps=train_pipeline.num_steps,
     summary=summary,
     model_cfg=model_cfg,
+    contract=contract,
   )
 
 

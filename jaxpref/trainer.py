@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from jaxpref import checkpointing, evaluation, flops, objectives, sharding, train_data, train_state
+from jaxpref.data import contract as input_contract
 from jaxpref.metrics_writer import MetricsWriter, flatten_metrics
 from jaxpref.model_source import load_model
 from jaxpref.models import reward_model
@@ -93,14 +94,15 @@ def _check_config(config: ml_collections.ConfigDict, mesh, model_cfg) -> None:
     )
 
 
-def _save_run_files(config: ml_collections.ConfigDict, workdir: Path, model_cfg, tokenizer) -> None:
+def _save_run_files(config: ml_collections.ConfigDict, workdir: Path, model_cfg, data) -> None:
   checkpointing.write_model_config(workdir, model_cfg)
   if jax.process_index() != 0:
     return
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  data.contract.write(workdir)
   tokenizer_dir = workdir / "tokenizer"
   if not tokenizer_dir.exists():
-    tokenizer.save_pretrained(str(tokenizer_dir))
+    input_contract.save_tokenizer(data.tokenizer, tokenizer_dir, data.contract)
 
 
 def _host_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +143,7 @@ def train_and_evaluate(
   data = train_data.prepare(config, model_cfg)
   model_cfg = data.model_cfg
   num_tasks = len(data.task_names)
-  _save_run_files(config, workdir, model_cfg, data.tokenizer)
+  _save_run_files(config, workdir, model_cfg, data)
   total_steps = data.num_steps
   logging.info(
     "Tasks %s; %d train steps of %d items", data.task_names, total_steps, config.train.batch_size
@@ -202,9 +204,8 @@ def train_and_evaluate(
     data.eval_items,
     data.tokenizer,
     batch_size=config.eval.batch_size,
-    max_length=config.data.max_length,
     min_bucket=config.data.min_bucket,
-    truncation_side=config.data.truncation_side,
+    contract=data.contract,
   )
 
   # --- The loop. ------------------------------------------------------------------------------
