@@ -42,11 +42,9 @@ def load_model(model: ml_collections.ConfigDict, seed: int) -> tuple[ModelConfig
     return model_config_from_config(model), None
   from jaxpref.models import hf_io
 
-  cfg, params = hf_io.load_hf(model.path, head_seed=seed)
-  changes = {k: model[k] for k in RUNTIME_FIELDS}
-  if model.pooling:
-    changes["pooling"] = model.pooling
-  cfg = cfg.replace(**changes)
+  # The pooling goes to load_hf, which initialises the heads it needs (BERT's pooler).
+  cfg, params = hf_io.load_hf(model.path, head_seed=seed, pooling=model.pooling or None)
+  cfg = cfg.replace(**{k: model[k] for k in RUNTIME_FIELDS})
   params = jax.tree.map(lambda p: p.astype(cfg.jnp_param_dtype), params)
   return cfg, params
 
