@@ -239,24 +239,18 @@ def test_eval_cli_uses_the_runs_contract(run):
 
 
 def test_export_of_a_mean_pooled_model_names_the_fix(run):
-  """transformers' *ForSequenceClassification cannot mean-pool: the CLI says what to do."""
+  """transformers' *ForSequenceClassification cannot mean-pool: the error names the CLI fix."""
+  from jaxpref import export
+  from jaxpref.models import hf_io
+
   bad = run["tmp"] / "mean_run"
   shutil.copytree(run["workdir"], bad)
   model_config = json.loads((bad / "model_config.json").read_text())
   (bad / "model_config.json").write_text(json.dumps(model_config | {"pooling": "mean"}))
-  command = [sys.executable, "-m", "jaxpref.export", f"--workdir={bad}"]
-  proc = subprocess.run(
-    [*command, f"--output={bad / 'x'}"], env=th.env_with(), cwd=th.REPO, capture_output=True,
-    text=True,
-  )  # fmt: skip
-  assert proc.returncode == 2
-  message = proc.stderr.strip().splitlines()[-1]
-  assert "--config.model.pooling=last" in message and "--nostrict" in message
-  proc = subprocess.run(
-    [*command, f"--output={bad / 'x'}", "--nostrict"], env=th.env_with(), cwd=th.REPO,
-    capture_output=True, text=True,
-  )  # fmt: skip
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  with pytest.raises(hf_io.CheckpointError) as error:
+    export.export(bad, bad / "x")
+  assert "--config.model.pooling=last" in str(error.value) and "--nostrict" in str(error.value)
+  export.export(bad, bad / "x", strict=False)  # what --nostrict does
   assert json.loads((bad / "x" / "config.json").read_text())["jaxpref_pooling"] == "mean"
 
 
@@ -407,3 +401,51 @@ def test_every_program_agrees_per_arch(tmp_path, arch, preferences_dir):
     np.testing.assert_allclose(rewards, outputs["workdir"], atol=TOL, err_msg=path)
     accuracy, _ = _pair_metrics(rewards, held_out)
     assert accuracy == pytest.approx(report["held"]["accuracy"], abs=1e-6), path
+
+
+# --- the contract itself (no model) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("mode", ["auto", "paper", "tokenizer", "none"])
+def test_configured_tokenizer_call_is_jaxpref_tokenisation(tmp_path, side, mode):
+  """After `configure`, a plain `tokenizer(texts, truncation=True)` (also reloaded from disk with
+  AutoTokenizer) gives the ids `encode_texts` gives; the pad token is not EOS."""
+  from jaxpref.data import contract as input_contract
+  from jaxpref.data.testing import word_tokenizer
+  from jaxpref.data.tokenize import encode_texts
+
+  texts = ["a b c d e f g h i j k l", "a b", "x y z " * 5, "c"]
+  tok = word_tokenizer(texts)
+  tok.bos_token = "a"  # a distinct BOS, so `paper` adds one
+  contract = input_contract.configure(
+    tok, max_length=6, truncation_side=side, special_tokens=mode, arch="llama", pooling="last",
+    vocab_size=512,
+  )  # fmt: skip
+  assert contract.pad_id != tok.eos_token_id and tok.pad_token_id == contract.pad_id
+  rows, cut = encode_texts(texts, tok, contract.tokenize_options())
+  assert cut.tolist() == [True, False, True, False]
+  input_contract.save_tokenizer(tok, tmp_path / "tok", contract)
+  reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+  assert input_contract.read(tmp_path / "tok") == contract
+  for t in (tok, reloaded):
+    plain = t(texts, truncation=True)["input_ids"]
+    assert [list(r) for r in rows] == [list(p) for p in plain]
+    assert t.pad_token_id == contract.pad_id
+
+
+def test_contract_round_trips_and_rejects_bad_files(tmp_path):
+  from jaxpref.data import contract as input_contract
+  from jaxpref.data.errors import DataConfigError
+
+  contract = input_contract.InputContract(
+    max_length=8, suffix=(("</s>", 2),), pad_token="<pad>", pad_id=0
+  )
+  contract.write(tmp_path)
+  assert input_contract.read(tmp_path) == contract
+  assert "</s>" in contract.describe() and "left" in contract.describe()
+  (tmp_path / "input_contract.json").write_text(json.dumps({"max_length": 8, "colour": 1}))
+  with pytest.raises(DataConfigError, match="unknown input-contract field"):
+    input_contract.read(tmp_path)
+  with pytest.raises(DataConfigError, match="truncation_side"):
+    input_contract.InputContract(max_length=8, truncation_side="middle")
