@@ -218,6 +218,7 @@ def test_score_counts_best_of_n_made_identical_by_truncation(run):
   assert out[0]["rewards"][0] == out[0]["rewards"][1]
 
 
+@pytest.mark.slow
 def test_eval_cli_uses_the_runs_contract(run):
   out = run["tmp"] / "eval_cli"
   data = run["tmp"] / "held_out.jsonl"
@@ -287,7 +288,11 @@ def _external_rm(tmp_path: Path, arch: str, gpt2_tokenizer_file: Path) -> tuple[
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize(
+  "arch",
+  # gpt_neox through the CLI runs by default in test_eval_cli.py.
+  [pytest.param("gpt_neox", marks=pytest.mark.slow), "llama"],
+)
 def test_external_checkpoint_eval_matches_transformers(
   tmp_path, arch, gpt2_tokenizer_file, preferences_dir
 ):
