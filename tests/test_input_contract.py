@@ -403,6 +403,8 @@ def test_every_program_agrees_per_arch(tmp_path, arch, preferences_dir):
   # BERT has absolute positions: transformers shifts them under left padding (jaxpref does not).
   sides = ("right",) if arch == "minilm" else ("right", "left")
   for path, rewards in _transformers_rewards(tmp_path / "x", texts, sides=sides).items():
+    worst = np.abs(rewards - outputs["workdir"]).max()
+    print(f"{arch} {path}: max |reward - score --workdir| = {worst:.2e}")
     np.testing.assert_allclose(rewards, outputs["workdir"], atol=TOL, err_msg=path)
     accuracy, _ = _pair_metrics(rewards, held_out)
     assert accuracy == pytest.approx(report["held"]["accuracy"], abs=1e-6), path
@@ -454,3 +456,39 @@ def test_contract_round_trips_and_rejects_bad_files(tmp_path):
     input_contract.read(tmp_path)
   with pytest.raises(DataConfigError, match="truncation_side"):
     input_contract.InputContract(max_length=8, truncation_side="middle")
+
+
+def test_saved_tokenizer_loads_in_transformers_4(tmp_path):
+  """pyproject admits transformers >= 4.50: a 4.x install (a site dir with transformers 4.x,
+  tokenizers and huggingface_hub, named by JAXPREF_TRANSFORMERS4_PATH) loads the saved tokenizer
+  and gives the same ids and model inputs."""
+  import os
+
+  site = os.environ.get("JAXPREF_TRANSFORMERS4_PATH")
+  if not site:
+    pytest.skip("set JAXPREF_TRANSFORMERS4_PATH to a site dir holding transformers 4.x")
+  from jaxpref.data import contract as input_contract
+  from jaxpref.data.testing import word_tokenizer
+
+  texts = ["a b c d e f g h i j k l", "a b"]
+  tok = word_tokenizer(texts)
+  contract = input_contract.configure(
+    tok, max_length=6, arch="gpt_neox", pooling="last", vocab_size=512
+  )
+  input_contract.save_tokenizer(tok, tmp_path / "tok", contract)
+  script = (
+    "import json, sys, transformers\n"
+    "t = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
+    "enc = t(json.loads(sys.argv[2]), truncation=True, padding=True)\n"
+    "print(json.dumps([transformers.__version__, sorted(enc), enc['input_ids']]))\n"
+  )
+  env = dict(os.environ, PYTHONPATH=site)
+  proc = subprocess.run(
+    [sys.executable, "-c", script, str(tmp_path / "tok"), json.dumps(texts)],
+    env=env, capture_output=True, text=True,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  version, keys, ids = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert version.startswith("4.")
+  assert keys == ["attention_mask", "input_ids"]
+  assert ids == tok(texts, truncation=True, padding=True)["input_ids"]

@@ -279,8 +279,9 @@ def save_tokenizer(tokenizer: Any, directory: str | Path, contract: InputContrac
   """Saves a configured tokenizer and the contract so transformers 4.50+ and 5 reproduce it.
 
   `tokenizer_config.json` names the generic `PreTrainedTokenizerFast` (transformers 5 writes
-  `TokenizersBackend`, which 4.x lacks) and has no `add_bos_token`/`add_eos_token` (transformers
-  5 rebuilds the post-processor from them), so `tokenizer.json`'s post-processor is what runs.
+  `TokenizersBackend`, which 4.x lacks) with the tokenizer's `model_input_names`, and has no
+  `add_bos_token`/`add_eos_token` (transformers 5 rebuilds the post-processor from them), so
+  `tokenizer.json`'s post-processor is what runs.
   """
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -291,6 +292,8 @@ def save_tokenizer(tokenizer: Any, directory: str | Path, contract: InputContrac
     config.pop(key, None)
   config |= {
     "tokenizer_class": "PreTrainedTokenizerFast",
+    # transformers 4.x's generic class would also return token_type_ids, which decoders reject.
+    "model_input_names": list(tokenizer.model_input_names),
     "truncation_side": contract.truncation_side,
     "padding_side": contract.padding_side,
     "model_max_length": contract.max_length,
