@@ -75,12 +75,13 @@ def initialize_distributed() -> None:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
   """Errors caused by the user's input; printed as one line rather than a traceback."""
-  from jaxpref import checkpointing, sharding
+  from jaxpref import sharding
   from jaxpref.data import errors as data_errors
+  from jaxpref.training import workdir as workdir_lib
 
   types = [
     data_errors.DataError,
-    checkpointing.CheckpointNotFoundError,
+    workdir_lib.CheckpointNotFoundError,
     sharding.MeshError,
     FileNotFoundError,
   ]

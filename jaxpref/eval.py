@@ -86,7 +86,7 @@ def contract_from_flags(cfg, *, model=None, workdir=None, flag_values=FLAGS):
   """`(tokenizer, contract)` of the model, with the contract flags applied."""
   from jaxpref.data import contract as input_contract
   from jaxpref.data.errors import DataConfigError
-  from jaxpref.model_source import load_tokenizer_and_contract
+  from jaxpref.models.source import load_tokenizer_and_contract
 
   tokenizer, contract = load_tokenizer_and_contract(cfg, model=model, workdir=workdir)
   contract = input_contract.override(
@@ -157,13 +157,14 @@ def evaluate_files(
   """Scores each file, writes report.json / report.md / reliability PNGs, returns the reports.
 
   Args:
-    contract: the model's `InputContract` (`model_source.load_tokenizer_and_contract`); without
+    contract: the model's `InputContract` (`models.source.load_tokenizer_and_contract`); without
       it, `max_length` and `truncation_side` with special_tokens=auto.
     run: what report.json records under `run` (model, step); the contract is added.
     progress: show a progress bar per file.
   """
-  from jaxpref import evaluation, plots
   from jaxpref.data import reader
+  from jaxpref.evaluation import evaluator as evaluation
+  from jaxpref.evaluation import plots
 
   output = Path(output)
   output.mkdir(parents=True, exist_ok=True)
@@ -214,8 +215,9 @@ def fit_and_store_temperature(
   cfg, params, tokenizer, data_files, store_dir: Path, *, fraction: float, **kwargs
 ) -> dict[str, Any]:
   """Fits T on a prompt-hash split of all files; reports ECE before/after on the rest."""
-  from jaxpref import evaluation, temperature
   from jaxpref.data import reader, splits
+  from jaxpref.evaluation import evaluator as evaluation
+  from jaxpref.evaluation import temperature
 
   fit_items, test_items = [], []
   for path in data_files:
@@ -265,7 +267,7 @@ def main(argv) -> None:
     raise app.UsageError("--data is required (repeat it for several files)")
   if not FLAGS.output:
     raise app.UsageError("--output is required")
-  from jaxpref.model_source import load_for_inference
+  from jaxpref.models.source import load_for_inference
 
   cfg, params, _, step = load_for_inference(
     model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step

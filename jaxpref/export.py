@@ -45,8 +45,8 @@ def export(
   import importlib
 
   from jaxpref.data import contract as input_contract
-  from jaxpref.model_source import load_for_inference, load_tokenizer_and_contract
   from jaxpref.models import hf_io
+  from jaxpref.models.source import load_for_inference, load_tokenizer_and_contract
 
   cfg, params, _, step = load_for_inference(workdir=str(workdir), step=step)
   module = importlib.import_module(hf_io.HF_ARCHS[cfg.arch].module)

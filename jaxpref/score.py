@@ -144,7 +144,7 @@ def score_records(
   """Adds rewards to each record (see module docstring); returns the output records and skips.
 
   Args:
-    contract: the model's `InputContract` (`model_source.load_tokenizer_and_contract`); without
+    contract: the model's `InputContract` (`models.source.load_tokenizer_and_contract`); without
       it, what transformers does with `tokenizer` and `max_length` (default: the tokenizer's).
 
   Returns:
@@ -197,8 +197,8 @@ def main(argv) -> None:
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
   from jaxpref.eval import contract_from_flags
-  from jaxpref.model_source import load_for_inference
-  from jaxpref.scoring import Scorer
+  from jaxpref.evaluation.scoring import Scorer
+  from jaxpref.models.source import load_for_inference
 
   cfg, params, _, step = load_for_inference(
     model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step

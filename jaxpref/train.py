@@ -1,7 +1,7 @@
 """`python -m jaxpref.train --config=configs/<name>.py --workdir=DIR [--config.a.b=value ...]`.
 
 Parses flags, starts the multi-process runtime if needed, and calls
-`jaxpref.trainer.train_and_evaluate`, which notebooks can call directly too.
+`jaxpref.training.trainer.train_and_evaluate`, which notebooks can call directly too.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.initialize_distributed()
-  from jaxpref import trainer
+  from jaxpref.training import trainer
 
   config = FLAGS.config
   if FLAGS.on_error:

@@ -50,7 +50,7 @@ def _transformers_rewards(export: Path, texts: list[str], *, sides=("right", "le
 
 def _pair_metrics(rewards_flat: np.ndarray, items) -> tuple[float, float]:
   """Accuracy and ECE-10 (jaxpref.calibration) of two-response items from flat rewards."""
-  from jaxpref import calibration
+  from jaxpref.evaluation import calibration
 
   rewards = rewards_flat.reshape(len(items), 2)
   scores = np.array([it.scores for it in items], np.float32)
@@ -60,7 +60,7 @@ def _pair_metrics(rewards_flat: np.ndarray, items) -> tuple[float, float]:
 
 def _jaxpref_rewards(cfg, params, tokenizer, contract, texts) -> np.ndarray:
   from jaxpref.data.tokenize import encode_texts
-  from jaxpref.scoring import Scorer
+  from jaxpref.evaluation.scoring import Scorer
 
   ids, _ = encode_texts(texts, tokenizer, contract.tokenize_options())
   scorer = Scorer(cfg, params, max_length=contract.max_length, pad_token_id=contract.pad_id or 0)
@@ -98,16 +98,20 @@ def run(tmp_path_factory, preferences_dir):
 @pytest.mark.parity
 def test_every_path_gives_the_training_reward(run):
   from jaxpref import eval as eval_lib
-  from jaxpref import evaluation, export, score, train_data
-  from jaxpref.model_source import load_for_inference, load_tokenizer_and_contract
+  from jaxpref import export, score
+  from jaxpref.evaluation import evaluator as evaluation
+  from jaxpref.evaluation.scoring import Scorer
   from jaxpref.models import hf_io
-  from jaxpref.scoring import Scorer
+  from jaxpref.models.source import load_for_inference, load_tokenizer_and_contract
+  from jaxpref.training import data as train_data
 
   workdir, tmp = run["workdir"], run["tmp"]
   cfg, params, _, step = load_for_inference(workdir=str(workdir))
 
   # In-training evaluation: the trainer's own data preparation and evaluator.
-  data = train_data.prepare(run["config"], cfg)
+  tokenizer = train_data.load_tokenizer(run["config"])
+  contract = train_data.configure_input(run["config"], tokenizer, cfg)
+  data = train_data.prepare(run["config"], tokenizer, contract=contract)
   (task,) = data.eval_items
   items = data.eval_items[task]
   evaluator = evaluation.TrainEvaluator(
@@ -175,7 +179,7 @@ def test_old_workdir_without_contract_is_inferred(run, caplog):
   """A workdir written before contracts (raw tokenizer, no input_contract.json) scores the same."""
   from jaxpref.data import contract as input_contract
   from jaxpref.data.tokenize import load_tokenizer
-  from jaxpref.model_source import load_for_inference, load_tokenizer_and_contract
+  from jaxpref.models.source import load_for_inference, load_tokenizer_and_contract
 
   old = run["tmp"] / "old_run"
   shutil.copytree(run["workdir"], old)
@@ -201,8 +205,8 @@ def test_old_workdir_without_contract_is_inferred(run, caplog):
 
 def test_score_counts_best_of_n_made_identical_by_truncation(run):
   from jaxpref import score
-  from jaxpref.model_source import load_for_inference, load_tokenizer_and_contract
-  from jaxpref.scoring import Scorer
+  from jaxpref.evaluation.scoring import Scorer
+  from jaxpref.models.source import load_for_inference, load_tokenizer_and_contract
 
   cfg, params, _, _ = load_for_inference(workdir=str(run["workdir"]))
   tok, contract = load_tokenizer_and_contract(cfg, workdir=str(run["workdir"]))
@@ -298,7 +302,7 @@ def test_external_checkpoint_eval_matches_transformers(
 ):
   from jaxpref import eval as eval_lib
   from jaxpref.data import reader
-  from jaxpref.model_source import load_for_inference, load_tokenizer_and_contract
+  from jaxpref.models.source import load_for_inference, load_tokenizer_and_contract
 
   hf_dir, max_length = _external_rm(tmp_path, arch, gpt2_tokenizer_file)
   rows = json.loads((preferences_dir / "helpful.json").read_text())[:40]
@@ -418,8 +422,9 @@ def test_every_program_agrees_per_arch(tmp_path, arch, preferences_dir):
 def test_configured_tokenizer_call_is_jaxpref_tokenisation(tmp_path, side, mode):
   """After `configure`, a plain `tokenizer(texts, truncation=True)` (also reloaded from disk with
   AutoTokenizer) gives the ids `encode_texts` gives; the pad token is not EOS."""
-  from jaxpref.data import contract as input_contract
   from jaxpref.data.testing import word_tokenizer
+
+  from jaxpref.data import contract as input_contract
   from jaxpref.data.tokenize import encode_texts
 
   texts = ["a b c d e f g h i j k l", "a b", "x y z " * 5, "c"]
@@ -467,8 +472,9 @@ def test_saved_tokenizer_loads_in_transformers_4(tmp_path):
   site = os.environ.get("JAXPREF_TRANSFORMERS4_PATH")
   if not site:
     pytest.skip("set JAXPREF_TRANSFORMERS4_PATH to a site dir holding transformers 4.x")
-  from jaxpref.data import contract as input_contract
   from jaxpref.data.testing import word_tokenizer
+
+  from jaxpref.data import contract as input_contract
 
   texts = ["a b c d e f g h i j k l", "a b"]
   tok = word_tokenizer(texts)
