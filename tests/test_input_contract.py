@@ -73,7 +73,7 @@ def _jaxpref_rewards(cfg, params, tokenizer, contract, texts) -> np.ndarray:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, preferences_dir):
   """A 2-step gpt_neox run on 80 long helpful pairs, cut to 32 tokens; and its final eval."""
-  from jaxpref import trainer
+  from jaxpref.training import trainer
 
   tmp = tmp_path_factory.mktemp("contract")
   rows = json.loads((preferences_dir / "helpful.json").read_text())[:80]
@@ -422,10 +422,9 @@ def test_every_program_agrees_per_arch(tmp_path, arch, preferences_dir):
 def test_configured_tokenizer_call_is_jaxpref_tokenisation(tmp_path, side, mode):
   """After `configure`, a plain `tokenizer(texts, truncation=True)` (also reloaded from disk with
   AutoTokenizer) gives the ids `encode_texts` gives; the pad token is not EOS."""
-  from jaxpref.data.testing import word_tokenizer
-
   from jaxpref.data import contract as input_contract
   from jaxpref.data.tokenize import encode_texts
+  from jaxpref.testing import word_tokenizer
 
   texts = ["a b c d e f g h i j k l", "a b", "x y z " * 5, "c"]
   tok = word_tokenizer(texts)
@@ -472,9 +471,8 @@ def test_saved_tokenizer_loads_in_transformers_4(tmp_path):
   site = os.environ.get("JAXPREF_TRANSFORMERS4_PATH")
   if not site:
     pytest.skip("set JAXPREF_TRANSFORMERS4_PATH to a site dir holding transformers 4.x")
-  from jaxpref.data.testing import word_tokenizer
-
   from jaxpref.data import contract as input_contract
+  from jaxpref.testing import word_tokenizer
 
   texts = ["a b c d e f g h i j k l", "a b"]
   tok = word_tokenizer(texts)
