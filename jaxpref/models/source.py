@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
+from jaxpref.data import contract as input_contract
 from jaxpref.models import hf_io, presets, reward_model
 from jaxpref.models.config import ModelConfig
 from jaxpref.training import workdir as workdir_lib
@@ -43,11 +45,15 @@ def load_model(
   """
   if not model.path:
     return model_config_from_config(model), None
-  cfg, params = hf_io.load_hf(model.path, head_seed=seed, mesh=mesh, param_dtype=model.param_dtype)
-  changes = {k: model[k] for k in RUNTIME_FIELDS}
-  if model.pooling:
-    changes["pooling"] = model.pooling
-  return cfg.replace(**changes), params
+  # The pooling goes to load_hf, which initialises the heads it needs (BERT's pooler).
+  cfg, params = hf_io.load_hf(
+    model.path,
+    head_seed=seed,
+    mesh=mesh,
+    param_dtype=model.param_dtype,
+    pooling=model.pooling or None,
+  )
+  return cfg.replace(**{k: model[k] for k in RUNTIME_FIELDS}), params
 
 
 def load_for_inference(
@@ -74,3 +80,27 @@ def load_for_inference(
   step, params = workdir_lib.restore_params(workdir, step, abstract)
   tokenizer_path = str(Path(workdir) / "tokenizer")
   return cfg, params, tokenizer_path, step
+
+
+def load_tokenizer_and_contract(
+  cfg: ModelConfig, *, model: str | None = None, workdir: str | None = None
+) -> tuple[Any, input_contract.InputContract]:
+  """The tokenizer, configured with the model's input contract, and the contract.
+
+  A jaxpref workdir or export has its contract stored (`input_contract.json`); a workdir
+  written before contracts were stored gets one inferred from its config.json (and says so); an
+  external Hugging Face checkpoint gets what transformers does with its own tokenizer.
+  """
+  from jaxpref.data.tokenize import load_tokenizer
+
+  source = workdir or model
+  tokenizer_path = Path(workdir) / "tokenizer" if workdir else Path(model)
+  tokenizer = load_tokenizer(tokenizer_path)
+  contract = input_contract.read(source)
+  if contract is not None:
+    input_contract.apply(tokenizer, contract)
+  elif workdir:
+    contract = input_contract.infer_for_workdir(workdir, tokenizer, cfg)
+  else:
+    contract = input_contract.for_checkpoint(tokenizer, cfg)
+  return tokenizer, contract

@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""
   c.data.max_length = 512
   c.data.truncation_side = "left"
+  # Special tokens around each text: auto (the tokenizer's own + EOS) | paper | tokenizer | none.
+  # With max_length and truncation_side this makes the input contract stored with the run
+  # (docs/what_the_model_sees.md).
+  c.data.special_tokens = "auto"
   c.data.eval_fraction = 0.1
   c.data.split_seed = 0
   c.data.mixing = "resample"  # resample | proportional

@@ -21,6 +21,7 @@ from absl import logging
 
 from jaxpref import sharding
 from jaxpref.data import batch as batch_lib
+from jaxpref.data import contract as input_contract
 from jaxpref.evaluation import evaluator as evaluation
 from jaxpref.models import reward_model
 from jaxpref.models.source import load_model
@@ -97,14 +98,15 @@ def _check_config(config: ml_collections.ConfigDict, mesh, model_cfg) -> None:
     )
 
 
-def _save_run_files(config: ml_collections.ConfigDict, workdir: Path, model_cfg, tokenizer) -> None:
+def _save_run_files(config: ml_collections.ConfigDict, workdir: Path, model_cfg, data) -> None:
   workdir_lib.write_model_config(workdir, model_cfg)
   if jax.process_index() != 0:
     return
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  data.contract.write(workdir)
   tokenizer_dir = workdir / "tokenizer"
   if not tokenizer_dir.exists():
-    tokenizer.save_pretrained(str(tokenizer_dir))
+    input_contract.save_tokenizer(data.tokenizer, tokenizer_dir, data.contract)
 
 
 class _FiniteGuard:
@@ -175,6 +177,8 @@ def train_and_evaluate(
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model_cfg, loaded_params = load_model(config.model, seed=config.train.seed, mesh=mesh)
   tokenizer = train_data.load_tokenizer(config)
+  # The input contract (what the model sees) is decided once, here, and stored with the run.
+  contract = train_data.configure_input(config, tokenizer, model_cfg)
   model_cfg = train_data.settle_model_config(model_cfg, tokenizer)
   _check_config(config, mesh, model_cfg)
   logging.info(
@@ -183,9 +187,9 @@ def train_and_evaluate(
     jax.device_count(),
     jax.process_count(),
   )
-  data = train_data.prepare(config, tokenizer, mesh)
+  data = train_data.prepare(config, tokenizer, mesh, contract=contract)
   num_tasks = len(data.task_names)
-  _save_run_files(config, workdir, model_cfg, data.tokenizer)
+  _save_run_files(config, workdir, model_cfg, data)
   total_steps = data.num_steps
   logging.info(
     "Tasks %s; %d train steps of %d items", data.task_names, total_steps, config.train.batch_size
@@ -217,9 +221,8 @@ def train_and_evaluate(
     data.eval_items,
     data.tokenizer,
     batch_size=config.eval.batch_size,
-    max_length=config.data.max_length,
     min_bucket=config.data.min_bucket,
-    truncation_side=config.data.truncation_side,
+    contract=data.contract,
   )
 
   # --- The loop. ------------------------------------------------------------------------------
