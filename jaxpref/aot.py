@@ -215,6 +215,9 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required")
+  from jaxpref import train_config
+
+  train_config.validate(FLAGS.config)
   use_tpu = libtpu_available() and not FLAGS.force_cpu
   if not use_tpu:
     n = FLAGS.num_cpu_devices or topology_devices(FLAGS.topology) or 0
@@ -249,4 +252,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   from jaxpref import cli
 
-  app.run(lambda argv: cli.run_main("jaxpref.aot", main, argv))
+  app.run(
+    lambda argv: cli.run_main("jaxpref.aot", main, argv),
+    flags_parser=cli.parse_flags_or_exit("jaxpref.aot"),
+  )

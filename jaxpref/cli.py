@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 import jax
 from absl import flags, logging
@@ -78,11 +79,16 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   from jaxpref import checkpointing, sharding
   from jaxpref.data import errors as data_errors
 
+  from jaxpref import scoring, train_config
+
   types = [
     data_errors.DataError,
     checkpointing.CheckpointNotFoundError,
     sharding.MeshError,
     FileNotFoundError,
+    IsADirectoryError,
+    scoring.RewardError,
+    train_config.ConfigError,
   ]
   try:
     from jaxpref.models import hf_io
@@ -95,22 +101,94 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def run_main(program: str, main_fn, argv) -> None:
   """Runs `main_fn(argv)`, turning user errors into `program: error: <one line>` and exit 2."""
+  from jaxpref.data.errors import one_line
+
   try:
     main_fn(argv)
   except user_error_types() as e:
-    print(f"{program}: error: {e}", file=sys.stderr)
+    print(f"{program}: error: {one_line(e, limit=600)}", file=sys.stderr)
     sys.exit(2)
 
 
-def parse_flags_or_exit(program: str):
-  """An `app.run` flags parser that reports a bad flag or config override in one line."""
+HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+
+
+def parse_flags_or_exit(program: str, *, extra_help=None):
+  """An `app.run` flags parser that reports a bad flag or config override in one line.
+
+  `--help` prints the program's docstring, its flags and, through `extra_help()`, more (the
+  config keys of `jaxpref.train`), and exits 0. A `--config=FILE` that does not load, and an
+  override of a key the config does not have, are one line each (the latter with the nearest
+  valid keys).
+  """
+
+  def fail(message: str) -> None:
+    message = " ".join(str(message).replace("\\n", " ").split())
+    if message[:1] in "'\"" and message[:1] == message[-1:]:
+      message = message[1:-1]
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
   def parser(argv):
+    if any(a in HELP_FLAGS for a in argv[1:]):
+      print_help(argv, extra_help)
+      sys.exit(0)
     try:
-      return FLAGS(argv)
+      rest = FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-      message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
-      print(f"{program}: error: {message}", file=sys.stderr)
-      sys.exit(2)
+      fail(_explain_flag_error(argv, e))
+    if "config" in FLAGS and FLAGS["config"].present:
+      try:
+        # ml_collections keeps a config file's load error until the config is first used.
+        FLAGS.config.keys()
+      except Exception as e:  # The config file itself raised: its own message, one line.
+        path = FLAGS["config"].config_filename
+        if not Path(path.split(":")[0]).is_file():
+          fail(f"--config={path}: no such config file")
+        fail(f"--config={path}: {type(e).__name__}: {e.__cause__ or e}")
+    return rest
 
   return parser
+
+
+def _explain_flag_error(argv, error: BaseException) -> str:
+  """A bad `--config.a.b=v`: names the key and its nearest valid keys; else the error itself."""
+  message = str(error)
+  if "config" not in FLAGS or not isinstance(error, AttributeError | KeyError):
+    return message.replace("\\'", "'")
+  try:
+    config = FLAGS["config"].value
+  except Exception:
+    config = None
+  if config is None:
+    from jaxpref import train_config
+
+    config = train_config.base_config()
+  from jaxpref import train_config
+
+  valid = set(train_config.flat_keys(config))
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    key = arg.removeprefix("--config.").split("=", 1)[0]
+    if key not in valid and not any(v.startswith(key + ".") for v in valid):
+      near = train_config.nearest_keys(config, key)
+      hint = f"; did you mean {', '.join('config.' + k for k in near)}?" if near else ""
+      return f"unknown config key config.{key}{hint} (--help lists every key)"
+  return message.replace("\\'", "'")
+
+
+def print_help(argv, extra_help=None) -> None:
+  """The program's usage (its module docstring), its own flags, and `extra_help()` if given."""
+  main_module = sys.modules.get("__main__")
+  doc = (getattr(main_module, "__doc__", None) or "").strip()
+  if doc:
+    print(doc + "\n")
+  module_name = getattr(main_module, "__file__", None)
+  text = FLAGS.module_help(module_name) if module_name else ""
+  if "--helpfull" in argv:
+    text = FLAGS.get_help()
+  if text:
+    print("flags:\n" + text)
+  if extra_help is not None:
+    print(extra_help())

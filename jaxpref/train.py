@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxpref import cli
+from jaxpref import cli, train_config
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
@@ -35,6 +35,9 @@ def main(argv) -> None:
   config = FLAGS.config
   if FLAGS.on_error:
     config.data.on_error = FLAGS.on_error
+  # Every value checked before a model or data file is read (train_and_evaluate checks again,
+  # for callers that skip this program).
+  train_config.validate(config)
   try:
     result = trainer.train_and_evaluate(config, FLAGS.workdir)
   except trainer.TrainingError as e:
@@ -43,8 +46,15 @@ def main(argv) -> None:
   logging.info("Finished at step %d", result["step"])
 
 
+def config_help() -> str:
+  return (
+    "config keys (set with --config.KEY=VALUE; defaults of train_config.base_config, which the "
+    "files in configs/ change):\n" + train_config.describe_keys(train_config.base_config())
+  )
+
+
 if __name__ == "__main__":
   app.run(
     lambda argv: cli.run_main("jaxpref.train", main, argv),
-    flags_parser=cli.parse_flags_or_exit("jaxpref.train"),
+    flags_parser=cli.parse_flags_or_exit("jaxpref.train", extra_help=config_help),
   )

@@ -97,7 +97,7 @@ def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainD
     )
     summary = summary.merge(file_summary)
     if not items:
-      raise DataConfigError(f"{path}: no usable preference items")
+      raise DataConfigError(f"{path}: no usable preference items ({file_summary.describe()})")
     # A domain-specific file yields one task per domain (`<name>_<domain>`).
     for task, task_items in group_by_task(items).items():
       if task in train_items:

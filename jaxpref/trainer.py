@@ -20,7 +20,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxpref import checkpointing, evaluation, flops, objectives, sharding, train_data, train_state
+from jaxpref import (
+  checkpointing,
+  evaluation,
+  flops,
+  objectives,
+  sharding,
+  train_config,
+  train_data,
+  train_state,
+)
 from jaxpref.metrics_writer import MetricsWriter, flatten_metrics
 from jaxpref.model_source import load_model
 from jaxpref.models import reward_model
@@ -125,6 +134,7 @@ def train_and_evaluate(
       eval_final.json keeps the scalars). Not called when there is no final evaluation (a run
       stopped early, `eval.final=False`, or no held-out items).
   """
+  train_config.validate(config)
   workdir = Path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +148,7 @@ def train_and_evaluate(
 
   # --- Model and data. ------------------------------------------------------------------------
   model_cfg, loaded_params = load_model(config.model, seed=config.train.seed)
+  train_config.check_lengths(config, model_cfg)
   data = train_data.prepare(config, model_cfg)
   model_cfg = data.model_cfg
   num_tasks = len(data.task_names)
