@@ -107,7 +107,9 @@ def num_tasks_of(config) -> int:
     return len([t for t in config.data.tasks.split(",") if t.strip()])
   if config.data.task_names:
     return len([t for t in config.data.task_names.split(",") if t])
-  return max(1, len([f for f in config.data.files.split(",") if f]))
+  from jaxpref.train_data import split_files
+
+  return max(1, len(split_files(config.data.files)))
 
 
 def plan(config, devices, target: str) -> Plan:
@@ -141,10 +143,11 @@ def plan(config, devices, target: str) -> Plan:
   )
 
   b, length = config.train.batch_size, config.data.max_length
+  n = config.data.get("responses_per_item") or 2  # 0 = the data's largest; pairs without data.
   shapes = {
-    "input_ids": ((b, 2, length), jnp.int32),
-    "attention_mask": ((b, 2, length), jnp.int32),
-    "scores": ((b, 2), jnp.float32),
+    "input_ids": ((b, n, length), jnp.int32),
+    "attention_mask": ((b, n, length), jnp.int32),
+    "scores": ((b, n), jnp.float32),
     "task_ids": ((b,), jnp.int32),
   }
   abstract_batch = {

@@ -76,10 +76,8 @@ def initialize_distributed() -> None:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
   """Errors caused by the user's input; printed as one line rather than a traceback."""
-  from jaxpref import checkpointing, sharding
+  from jaxpref import checkpointing, scoring, sharding, train_config
   from jaxpref.data import errors as data_errors
-
-  from jaxpref import scoring, train_config
 
   types = [
     data_errors.DataError,

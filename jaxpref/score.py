@@ -184,6 +184,8 @@ def main(argv) -> None:
   from jaxpref.model_source import load_for_inference
   from jaxpref.scoring import Scorer
 
+  # The data first: a bad file fails in a second, before any weights are read.
+  records, skipped = read_records(FLAGS.data, FLAGS.on_error)
   cfg, params, tokenizer_path, step = load_for_inference(
     model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step
   )
@@ -194,7 +196,6 @@ def main(argv) -> None:
     cfg, params, batch_size=FLAGS.batch_size, max_length=max_length, pad_token_id=pad_id
   )
   temperature = read_temperature(FLAGS.model or FLAGS.workdir) if FLAGS.apply_temperature else 1.0
-  records, skipped = read_records(FLAGS.data, FLAGS.on_error)
   outputs, more_skipped = score_records(
     scorer,
     tokenizer,

@@ -105,11 +105,11 @@ def check_finite_rewards(rewards: np.ndarray, params, where: str = "") -> None:
   if not bad:
     return
   prefix = f"{where}: " if where else ""
-  bad_params = [
-    jax.tree_util.keystr(path)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-    if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.isfinite(np.asarray(leaf)).all()
-  ]
+  bad_params = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    leaf = np.asarray(leaf)
+    if jnp.issubdtype(leaf.dtype, jnp.floating) and not np.isfinite(leaf.astype(np.float32)).all():
+      bad_params.append(jax.tree_util.keystr(path))
   if bad_params:
     cause = (
       f"the model's weights are not finite ({len(bad_params)} arrays with NaN/inf, first "

@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pooling = ""
 
   c.data = ml_collections.ConfigDict()
-  # Comma-separated data files, one task each (task name = file stem unless `task_names` is set).
+  # Comma-separated data files, one task each (task name = file stem unless `task_names` is set);
+  # write a comma inside a path as `\\,`.
   c.data.files = ""
   c.data.task_names = ""
   # Comma-separated tasks to train and evaluate on, out of those the files give (a
@@ -48,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""
   c.data.max_length = 512
   c.data.truncation_side = "left"
+  # N, the response axis of a training batch: 0 = the largest number of responses of any training
+  # item (2 for pairwise data); items with fewer are padded and their padding is never compared.
+  # A ranked list of N responses trains on all its N(N-1)/2 ordered pairs.
+  c.data.responses_per_item = 0
   c.data.eval_fraction = 0.1
   c.data.split_seed = 0
   c.data.mixing = "resample"  # resample | proportional

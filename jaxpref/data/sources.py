@@ -74,8 +74,10 @@ def check_text_encoding(where: str, data: bytes) -> bytes:
   if data.startswith(_UTF8_BOM):
     return data[len(_UTF8_BOM) :]
   head = data[:4096]
+  # UTF-16 without a BOM: ASCII text has a zero byte in every other position.
+  quarter = len(head) // 4
   utf16 = head.startswith(_UTF16_BOMS) or (
-    len(head) >= 4 and (head[1::2].count(0) > len(head) // 4 or head[0::2].count(0) > len(head) // 4)
+    len(head) >= 4 and (head[1::2].count(0) > quarter or head[0::2].count(0) > quarter)
   )
   if utf16:
     raise errors.DataError(
