@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import sys
 from pathlib import Path
 
@@ -111,6 +112,40 @@ def run_main(program: str, main_fn, argv) -> None:
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
 
+class _OnlyJaxprefInfo(std_logging.Filter):
+  """Passes warnings and errors from anywhere, and INFO lines only from jaxpref's own modules."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_QUIET = _OnlyJaxprefInfo()
+
+
+def define_console_flags() -> None:
+  if "log_libraries" not in FLAGS:
+    flags.DEFINE_boolean(
+      "log_libraries",
+      False,
+      "Also show the INFO lines of libraries (Orbax, absl, tfds, grain); by default only "
+      "jaxpref's own lines, and everyone's warnings, reach the console. --verbosity=1 turns "
+      "them on too.",
+    )
+
+
+def quiet_console() -> None:
+  """Keeps third-party INFO lines off the console unless --log_libraries / --verbosity >= 1."""
+  handler = logging.get_absl_handler()
+  handler.removeFilter(_QUIET)
+  verbose = FLAGS["log_libraries"].value if "log_libraries" in FLAGS else False
+  if not verbose and FLAGS["verbosity"].value < 1:
+    handler.addFilter(_QUIET)
+  # Libraries that log through Python's `logging` directly rather than absl.
+  for name in ("orbax", "tensorflow_datasets", "grain", "jax._src.distributed"):
+    std_logging.getLogger(name).setLevel(std_logging.INFO if verbose else std_logging.WARNING)
+
+
 def parse_flags_or_exit(program: str, *, extra_help=None):
   """An `app.run` flags parser that reports a bad flag or config override in one line.
 
@@ -126,6 +161,8 @@ def parse_flags_or_exit(program: str, *, extra_help=None):
       message = message[1:-1]
     print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+  define_console_flags()
 
   def parser(argv):
     if any(a in HELP_FLAGS for a in argv[1:]):
@@ -144,6 +181,7 @@ def parse_flags_or_exit(program: str, *, extra_help=None):
         if not Path(path.split(":")[0]).is_file():
           fail(f"--config={path}: no such config file")
         fail(f"--config={path}: {type(e).__name__}: {e.__cause__ or e}")
+    quiet_console()
     return rest
 
   return parser

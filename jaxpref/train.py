@@ -7,8 +7,10 @@ Parses flags, starts the multi-process runtime if needed, and calls
 from __future__ import annotations
 
 import sys
+import time
 
-from absl import app, flags, logging
+import jax
+from absl import app, flags
 from ml_collections import config_flags
 
 from jaxpref import cli, train_config
@@ -38,12 +40,38 @@ def main(argv) -> None:
   # Every value checked before a model or data file is read (train_and_evaluate checks again,
   # for callers that skip this program).
   train_config.validate(config)
+  start = time.perf_counter()
   try:
     result = trainer.train_and_evaluate(config, FLAGS.workdir)
   except trainer.TrainingError as e:
     print(f"jaxpref.train: error: {e}", file=sys.stderr)
     sys.exit(1)
-  logging.info("Finished at step %d", result["step"])
+  if jax.process_index() == 0:
+    # Printed, not logged: --verbosity does not hide the one summary a run ends with.
+    print(run_summary(result, FLAGS.workdir, time.perf_counter() - start), file=sys.stderr)
+
+
+def run_summary(result: dict, workdir: str, seconds: float) -> str:
+  """The end of a run's console output: steps and time, held-out accuracy / ECE-10 per task,
+  where the checkpoint is and how to export it."""
+  from jaxpref import checkpointing
+
+  minutes, secs = divmod(int(round(seconds)), 60)
+  lines = [f"jaxpref.train: finished at step {result['step']} in {minutes}m{secs:02d}s"]
+  tasks = [k.split("/")[1] for k in result if k.startswith("eval/") and k.endswith("/accuracy")]
+  if tasks:
+    width = max(len(t) for t in tasks)
+    lines.append(f"  {'held-out':<{width}}  accuracy  ECE-10  pairs")
+    for task in tasks:
+      lines.append(
+        f"  {task:<{width}}  {result[f'eval/{task}/accuracy']:8.4f}  "
+        f"{result[f'eval/{task}/ece_10']:6.4f}  {int(result[f'eval/{task}/n_pairs']):5d}"
+      )
+  else:
+    lines.append("  no final held-out evaluation (eval.final=False, no held-out items, or stopped)")
+  lines.append(f"  checkpoint: {checkpointing.checkpoint_dir(workdir) / str(result['step'])}")
+  lines.append(f"  export:     python -m jaxpref.export --workdir={workdir} --output={workdir}/hf")
+  return "\n".join(lines)
 
 
 def config_help() -> str:
