@@ -375,3 +375,46 @@ def test_program_help_and_a_real_error(program, tmp_path):
     assert_one_line_error({"code": proc.returncode, "stderr": proc.stderr}, program, "UTF-16")
   else:
     assert_one_line_error({"code": proc.returncode, "stderr": proc.stderr}, program, "/nonexistent")
+
+
+# ------------------------------------------------------------------------------------------------
+# A default training run: ranked lists of 4 responses, a quiet console, the closing summary.
+# ------------------------------------------------------------------------------------------------
+def test_ranked_lists_train_on_all_pairs_with_a_quiet_console(tmp_path):
+  """N > 2 responses per item train on all N(N-1)/2 pairs (no config key needed), and the
+  console of a default run is jaxpref's own lines, the progress bar and the final summary."""
+  rows = [
+    {"text": [f"question {i} answer {j} " * 3 for j in range(4)], "score": [3.0, 2.0, 1.0, 0.0]}
+    for i in range(60)
+  ]
+  data = tmp_path / "ranked.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  workdir = tmp_path / "run"
+  proc = th.run_train(
+    workdir,
+    f"--config.data.files={data}",
+    "--config.train.batch_size=4",
+    "--config.train.steps=2",
+    "--config.data.eval_fraction=0.1",
+    "--config.data.resampling_size=0",
+  )
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  losses = [r for r in records if "loss" in r]
+  assert losses and all(r["pairs"] == 4 * 6 for r in losses)  # 4 items x 6 pairs each
+
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  own = {p.name for p in (th.REPO / "jaxpref").rglob("*.py")}
+  log_lines = [line for line in lines if line[:1] in "IWEF" and "] " in line and ".py:" in line]
+  library_info = [
+    line
+    for line in log_lines
+    if line.startswith("I") and line.split("] ")[0].split()[-1].split(":")[0] not in own
+  ]
+  assert not library_info, library_info
+  assert not any("topology" in line for line in lines)
+  assert any("100%" in line and "train" in line for line in lines)  # the progress bar
+  first = next(i for i, line in enumerate(lines) if "jaxpref.train: finished at step 2" in line)
+  summary = lines[first:]
+  assert summary[1].split() == ["held-out", "accuracy", "ECE-10", "pairs"]
+  assert summary[2].split()[0] == "ranked" and summary[-2].strip().startswith("checkpoint:")
+  assert f"python -m jaxpref.export --workdir={workdir}" in summary[-1]
