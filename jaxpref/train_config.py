@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100
-  c.checkpoint.keep = 3
+  c.checkpoint.keep = 3  # 0 = keep every checkpoint
   c.checkpoint.async_save = True
 
   c.eval = ml_collections.ConfigDict()
@@ -157,14 +157,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "train.log_every_steps",
     "train.grad_accum_steps",
     "checkpoint.every_steps",
-    "checkpoint.keep",
     "eval.batch_size",
     "data.min_bucket",
   ):
     at_least(key, 1)
   for key in ("train.steps", "train.warmup_steps", "eval.every_steps", "data.bucket_multiple"):
     at_least(key, 0)
-  for key in ("train.weight_decay", "train.grad_clip", "data.resampling_size"):
+  # checkpoint.keep=0 keeps every checkpoint.
+  for key in ("train.weight_decay", "train.grad_clip", "data.resampling_size", "checkpoint.keep"):
     at_least(key, 0)
   lr = config.train.learning_rate
   if not lr > 0 or lr != lr:

@@ -418,3 +418,20 @@ def test_ranked_lists_train_on_all_pairs_with_a_quiet_console(tmp_path):
   assert summary[1].split() == ["held-out", "accuracy", "ECE-10", "pairs"]
   assert summary[2].split()[0] == "ranked" and summary[-2].strip().startswith("checkpoint:")
   assert f"python -m jaxpref.export --workdir={workdir}" in summary[-1]
+
+
+def test_max_length_against_the_model(caplog):
+  """Beyond learned positions (BERT) is an error; beyond rotary positions and tiny lengths warn."""
+  from jaxpref import train_config
+  from jaxpref.models.config import ModelConfig
+
+  config = th.tiny_config(lock=False, data__max_length=4096)
+  with pytest.raises(train_config.ConfigError, match=r"data.max_length=4096: .* 512 learned"):
+    train_config.check_lengths(config, ModelConfig(arch="bert", max_position_embeddings=512))
+  with caplog.at_level("WARNING", logger="absl"):
+    train_config.check_lengths(config, ModelConfig(max_position_embeddings=512))
+    config.data.max_length = 8
+    train_config.check_lengths(config, ModelConfig(max_position_embeddings=512))
+  warnings = [r.getMessage() for r in caplog.records]
+  assert any("exceeds the model's max_position_embeddings=512" in w for w in warnings)
+  assert any("data.max_length=8 is tiny" in w for w in warnings)
