@@ -94,6 +94,16 @@ def check_token_ids(max_id: int, vocab_size: int, where: str = "") -> None:
     )
 
 
+def non_finite_leaves(params) -> list[str]:
+  """Paths of the floating-point leaves of `params` that hold a NaN or inf."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    leaf = np.asarray(leaf)
+    if jnp.issubdtype(leaf.dtype, jnp.floating) and not np.isfinite(leaf.astype(np.float32)).all():
+      bad.append(jax.tree_util.keystr(path))
+  return bad
+
+
 def check_finite_rewards(rewards: np.ndarray, params, where: str = "") -> None:
   """Refuses NaN/inf rewards, naming the likely cause (non-finite weights or overflow).
 
@@ -105,11 +115,7 @@ def check_finite_rewards(rewards: np.ndarray, params, where: str = "") -> None:
   if not bad:
     return
   prefix = f"{where}: " if where else ""
-  bad_params = []
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    leaf = np.asarray(leaf)
-    if jnp.issubdtype(leaf.dtype, jnp.floating) and not np.isfinite(leaf.astype(np.float32)).all():
-      bad_params.append(jax.tree_util.keystr(path))
+  bad_params = non_finite_leaves(params)
   if bad_params:
     cause = (
       f"the model's weights are not finite ({len(bad_params)} arrays with NaN/inf, first "

@@ -25,6 +25,7 @@ from jaxpref import (
   evaluation,
   flops,
   objectives,
+  scoring,
   sharding,
   train_config,
   train_data,
@@ -149,6 +150,14 @@ def train_and_evaluate(
   # --- Model and data. ------------------------------------------------------------------------
   model_cfg, loaded_params = load_model(config.model, seed=config.train.seed)
   train_config.check_lengths(config, model_cfg)
+  if loaded_params is not None and (bad := scoring.non_finite_leaves(loaded_params)):
+    # Otherwise the first step's loss is NaN and the message blames the learning rate.
+    from jaxpref.models.hf_io import CheckpointError
+
+    raise CheckpointError(
+      f"model.path={config.model.path}: the checkpoint's weights are not finite ({len(bad)} "
+      f"arrays with NaN/inf, first {bad[0]})"
+    )
   data = train_data.prepare(config, model_cfg)
   model_cfg = data.model_cfg
   num_tasks = len(data.task_names)

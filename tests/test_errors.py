@@ -300,7 +300,7 @@ CONFIG_CASES = {
 }
 
 
-def test_train_config_errors_before_any_data_is_read(tmp_path):
+def test_train_config_errors_before_any_data_is_read(tmp_path, hf_models):
   """Each bad value is one line naming its key; no data file is opened (data.files points to a
   file that does not exist, so reading it would be a different error)."""
   missing = tmp_path / "not_read.jsonl"
@@ -309,7 +309,10 @@ def test_train_config_errors_before_any_data_is_read(tmp_path):
   cases.append([f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path / 'run'}"])
   hub = [f"--config={th.TINY}", f"--workdir={tmp_path / 'run2'}", f"--config.data.files={missing}"]
   cases.append([*hub, "--config.model.path=EleutherAI/pythia-14m"])
+  nan = [f"--config={th.TINY}", f"--workdir={tmp_path / 'run3'}", f"--config.data.files={missing}"]
+  cases.append([*nan, f"--config.model.path={hf_models['nan']}"])
   results = run_cases("train", cases, tmp_path)
+  assert_one_line_error(results.pop(), "train", "weights are not finite", str(hf_models["nan"]))
   for (case, needle), result in zip(CONFIG_CASES.items(), results):
     try:
       assert_one_line_error(result, "train", needle)
