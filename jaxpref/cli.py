@@ -109,6 +109,15 @@ def run_main(program: str, main_fn, argv) -> None:
     sys.exit(2)
 
 
+# Program flags with a lower bound, checked after parsing (any program that defines them).
+FLAG_MINIMUMS = {
+  "batch_size": 1,
+  "max_length": 2,
+  "step": 0,
+  "n_bootstrap": 0,
+  "num_cpu_devices": 0,
+  "temperature_fraction": 0.01,
+}
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
 
@@ -181,6 +190,10 @@ def parse_flags_or_exit(program: str, *, extra_help=None):
         if not Path(path.split(":")[0]).is_file():
           fail(f"--config={path}: no such config file")
         fail(f"--config={path}: {type(e).__name__}: {e.__cause__ or e}")
+    for name, minimum in FLAG_MINIMUMS.items():
+      value = FLAGS[name].value if name in FLAGS else None
+      if isinstance(value, int | float) and not isinstance(value, bool) and value < minimum:
+        fail(f"--{name}={value}: must be >= {minimum}")
     quiet_console()
     return rest
 

@@ -226,6 +226,10 @@ def test_score_errors(tmp_path, hf_models):
     [f"--model={workdir}", f"--data={good}", f"--output={out}"],
     ("is a jaxpref training workdir", f"--workdir={workdir}"),
   )
+  cases["batch_size"] = (
+    [model, f"--data={good}", f"--output={out}", "--batch_size=0"],
+    ("--batch_size=0: must be >= 1",),
+  )
   cases["hub_id"] = (
     ["--model=EleutherAI/pythia-14m", f"--data={good}", f"--output={out}"],
     ("hf download EleutherAI/pythia-14m",),
@@ -343,7 +347,12 @@ def test_help_exits_0_and_lists_config_keys():
 
 
 @pytest.mark.parametrize(
-  "program", ["score", pytest.param("eval", marks=pytest.mark.slow), "export"]
+  "program",
+  [
+    "score",
+    pytest.param("eval", marks=pytest.mark.slow),
+    pytest.param("export", marks=pytest.mark.slow),
+  ],
 )
 def test_program_help_and_a_real_error(program, tmp_path):
   """Through `python -m` itself: `--help` exits 0; a UTF-16 file is one line with exit 2."""
