@@ -125,10 +125,11 @@ class _OnlyJaxprefInfo(std_logging.Filter):
   """Passes warnings and errors from anywhere, and INFO lines only from jaxpref's own modules."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIRS)
 
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+# Code file names as Python records them (as imported) and resolved (through symlinks).
+_PACKAGE_DIRS = (str(Path(__file__).parent), str(Path(__file__).resolve().parent))
 _QUIET = _OnlyJaxprefInfo()
 
 

@@ -447,3 +447,18 @@ def test_max_length_against_the_model(caplog):
   warnings = [r.getMessage() for r in caplog.records]
   assert any("exceeds the model's max_position_embeddings=512" in w for w in warnings)
   assert any("data.max_length=8 is tiny" in w for w in warnings)
+
+
+def test_console_filter_keeps_jaxpref_info_and_everyones_warnings():
+  import logging
+
+  from jaxpref import cli
+
+  def record(path: str, level: int) -> logging.LogRecord:
+    return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+  quiet = cli._OnlyJaxprefInfo()
+  orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  assert not quiet.filter(record(orbax, logging.INFO))
+  assert quiet.filter(record(orbax, logging.WARNING))
+  assert quiet.filter(record(str(th.REPO / "jaxpref" / "trainer.py"), logging.INFO))
