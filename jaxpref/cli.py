@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging as std_logging
+import os
 import sys
 from pathlib import Path
 
@@ -129,7 +130,9 @@ class _OnlyJaxprefInfo(std_logging.Filter):
 
 
 # Code file names as Python records them (as imported) and resolved (through symlinks).
-_PACKAGE_DIRS = (str(Path(__file__).parent), str(Path(__file__).resolve().parent))
+_PACKAGE_DIRS = tuple(
+  str(d) + os.sep for d in (Path(__file__).parent, Path(__file__).resolve().parent)
+)
 _QUIET = _OnlyJaxprefInfo()
 
 
