@@ -462,3 +462,10 @@ def test_console_filter_keeps_jaxpref_info_and_everyones_warnings():
   assert not quiet.filter(record(orbax, logging.INFO))
   assert quiet.filter(record(orbax, logging.WARNING))
   assert quiet.filter(record(str(th.REPO / "jaxpref" / "trainer.py"), logging.INFO))
+
+
+def test_aot_validates_the_config(tmp_path):
+  (result,) = run_cases(
+    "aot", [[f"--config={th.TINY}", "--config.train.grad_accum_steps=0"]], tmp_path
+  )
+  assert_one_line_error(result, "aot", "config: train.grad_accum_steps=0: must be >= 1")
