@@ -78,12 +78,15 @@ def initialize_distributed() -> None:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
   """Errors caused by the user's input; printed as one line rather than a traceback."""
-  from jaxpref import checkpointing, scoring, sharding, train_config
+  from jaxpref import sharding
   from jaxpref.data import errors as data_errors
+  from jaxpref.evaluation import scoring
+  from jaxpref.training import config as train_config
+  from jaxpref.training import workdir as workdir_lib
 
   types = [
     data_errors.DataError,
-    checkpointing.CheckpointNotFoundError,
+    workdir_lib.CheckpointNotFoundError,
     sharding.MeshError,
     FileNotFoundError,
     IsADirectoryError,
@@ -209,16 +212,14 @@ def _explain_flag_error(argv, error: BaseException) -> str:
   message = str(error)
   if "config" not in FLAGS or not isinstance(error, AttributeError | KeyError):
     return message.replace("\\'", "'")
+  from jaxpref.training import config as train_config
+
   try:
     config = FLAGS["config"].value
   except Exception:
     config = None
   if config is None:
-    from jaxpref import train_config
-
     config = train_config.base_config()
-  from jaxpref import train_config
-
   valid = set(train_config.flat_keys(config))
   for arg in argv[1:]:
     if not arg.startswith("--config."):

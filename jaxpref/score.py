@@ -181,8 +181,8 @@ def main(argv) -> None:
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
   from jaxpref.data.tokenize import load_tokenizer
-  from jaxpref.model_source import load_for_inference
-  from jaxpref.scoring import Scorer
+  from jaxpref.evaluation.scoring import Scorer
+  from jaxpref.models.source import load_for_inference
 
   # The data first: a bad file fails in a second, before any weights are read.
   records, skipped = read_records(FLAGS.data, FLAGS.on_error)

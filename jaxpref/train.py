@@ -1,7 +1,7 @@
 """`python -m jaxpref.train --config=configs/<name>.py --workdir=DIR [--config.a.b=value ...]`.
 
 Parses flags, starts the multi-process runtime if needed, and calls
-`jaxpref.trainer.train_and_evaluate`, which notebooks can call directly too.
+`jaxpref.training.trainer.train_and_evaluate`, which notebooks can call directly too.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxpref import cli, train_config
+from jaxpref import cli
+from jaxpref.training import config as train_config
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
@@ -32,7 +33,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.initialize_distributed()
-  from jaxpref import trainer
+  from jaxpref.training import trainer
 
   config = FLAGS.config
   if FLAGS.on_error:
@@ -54,7 +55,7 @@ def main(argv) -> None:
 def run_summary(result: dict, workdir: str, seconds: float) -> str:
   """The end of a run's console output: steps and time, held-out accuracy / ECE-10 per task,
   where the checkpoint is and how to export it."""
-  from jaxpref import checkpointing
+  from jaxpref.training import workdir as workdir_lib
 
   minutes, secs = divmod(int(round(seconds)), 60)
   lines = [f"jaxpref.train: finished at step {result['step']} in {minutes}m{secs:02d}s"]
@@ -69,7 +70,7 @@ def run_summary(result: dict, workdir: str, seconds: float) -> str:
       )
   else:
     lines.append("  no final held-out evaluation (eval.final=False, no held-out items, or stopped)")
-  lines.append(f"  checkpoint: {checkpointing.checkpoint_dir(workdir) / str(result['step'])}")
+  lines.append(f"  checkpoint: {workdir_lib.checkpoint_dir(workdir) / str(result['step'])}")
   lines.append(f"  export:     python -m jaxpref.export --workdir={workdir} --output={workdir}/hf")
   return "\n".join(lines)
 

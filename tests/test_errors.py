@@ -118,7 +118,7 @@ def test_reader_duplicate_key_in_a_json_list(tmp_path):
 
 
 def test_comma_in_a_data_path(tmp_path):
-  from jaxpref.train_data import split_files
+  from jaxpref.training.data import split_files
 
   odd = tmp_path / "a,b.jsonl"
   odd.write_text(json.dumps(GOOD) + "\n")
@@ -128,7 +128,8 @@ def test_comma_in_a_data_path(tmp_path):
 
 
 def test_chat_template_sandbox_violation_is_one_line():
-  from jaxpref.data import errors, formats, reader, sources, testing
+  from jaxpref import testing
+  from jaxpref.data import errors, formats, reader, sources
 
   tok = testing.word_tokenizer(words=WORDS)
   tok.chat_template = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
@@ -162,7 +163,7 @@ def hf_models(tmp_path_factory, gpt2_tokenizer_file):
   import jax
   import numpy as np
 
-  from jaxpref.data import testing
+  from jaxpref import testing
   from jaxpref.data.tokenize import load_tokenizer
   from jaxpref.models import hf_io, reward_model
   from jaxpref.models.config import ModelConfig
@@ -434,8 +435,8 @@ def test_ranked_lists_train_on_all_pairs_with_a_quiet_console(tmp_path):
 
 def test_max_length_against_the_model(caplog):
   """Beyond learned positions (BERT) is an error; beyond rotary positions and tiny lengths warn."""
-  from jaxpref import train_config
   from jaxpref.models.config import ModelConfig
+  from jaxpref.training import config as train_config
 
   config = th.tiny_config(lock=False, data__max_length=4096)
   with pytest.raises(train_config.ConfigError, match=r"data.max_length=4096: .* 512 learned"):

@@ -136,9 +136,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ConfigError: the first bad value, as `config: key=value: what is wrong / what is allowed`.
   """
-  from jaxpref import objectives
   from jaxpref.data import formats, reader
   from jaxpref.models import config as model_config
+  from jaxpref.objectives import objective as objectives
 
   def at_least(key: str, minimum: float) -> None:
     section, name = key.split(".")

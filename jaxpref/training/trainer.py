@@ -1,14 +1,12 @@
 """`train_and_evaluate(config, workdir)`: the training loop behind `python -m jaxpref.train`.
 
 Reading order: data -> mesh and sharded state -> checkpoint restore -> the loop (step, log, eval,
-save, preemption and NaN handling). The step itself is `jaxpref.train_step.train_step`.
+save, preemption and NaN handling). The step itself is `jaxpref.training.step.train_step`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -16,25 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxpref import (
-  checkpointing,
-  evaluation,
-  flops,
-  objectives,
-  scoring,
-  sharding,
-  train_config,
-  train_data,
-  train_state,
-)
-from jaxpref.metrics_writer import MetricsWriter, flatten_metrics
-from jaxpref.model_source import load_model
+from jaxpref import sharding
+from jaxpref.data import batch as batch_lib
+from jaxpref.evaluation import evaluator as evaluation
+from jaxpref.evaluation import scoring
 from jaxpref.models import reward_model
-from jaxpref.train_step import train_step
+from jaxpref.models.source import load_model
+from jaxpref.training import config as train_config
+from jaxpref.training import data as train_data
+from jaxpref.training import flops
+from jaxpref.training import step as train_step_lib
+from jaxpref.training import workdir as workdir_lib
+from jaxpref.training.metrics import MetricsWriter, flatten_metrics
 
 
 class TrainingError(RuntimeError):
@@ -104,13 +100,48 @@ def _check_config(config: ml_collections.ConfigDict, mesh, model_cfg) -> None:
 
 
 def _save_run_files(config: ml_collections.ConfigDict, workdir: Path, model_cfg, tokenizer) -> None:
-  checkpointing.write_model_config(workdir, model_cfg)
+  workdir_lib.write_model_config(workdir, model_cfg)
   if jax.process_index() != 0:
     return
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   tokenizer_dir = workdir / "tokenizer"
   if not tokenizer_dir.exists():
     tokenizer.save_pretrained(str(tokenizer_dir))
+
+
+class _FiniteGuard:
+  """Whether every step's loss and gradient norm since the last check were finite.
+
+  The flag and the first bad value stay on device (a few scalar ops per step, no sync); `check`
+  reads them at logging / evaluation / checkpoint steps and stops the run with one line.
+  """
+
+  def __init__(self, since: int):
+    self._since = since
+    self._ok = None
+    self._bad_value = None
+
+  def update(self, metrics: dict[str, Any]) -> None:
+    loss, grad_norm = metrics["loss"], metrics["grad_norm"]
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    bad_value = jnp.where(jnp.isfinite(loss), grad_norm, loss)
+    if self._ok is None:
+      self._ok, self._bad_value = ok, bad_value
+    else:
+      self._bad_value = jnp.where(self._ok, bad_value, self._bad_value)
+      self._ok = self._ok & ok
+
+  def check(self, step: int, last_checkpoint: int | None, checkpoint_dir: Path) -> None:
+    if self._ok is None:
+      return
+    if not bool(self._ok):
+      value = float(self._bad_value)
+      raise TrainingError(
+        f"loss became {value} between steps {self._since + 1} and {step}; stopping. The last "
+        f"good checkpoint (step {last_checkpoint}) in {checkpoint_dir} is kept; lower "
+        "train.learning_rate or check the data."
+      )
+    self._since, self._ok, self._bad_value = step, None, None
 
 
 def _host_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -126,28 +157,23 @@ def train_and_evaluate(
   """Trains (or resumes) a reward model as `config` says; returns the last logged metrics.
 
   Args:
-    config: a config from `configs/*.py` (see `jaxpref.train_config.base_config`).
+    config: a config from `configs/*.py` (see `jaxpref.training.config.base_config`).
     workdir: where checkpoints, logs, the effective config and the tokenizer go. A run started
       again with the same workdir resumes from its latest complete checkpoint.
     on_final_eval: called once, on every process, with the full reports of the final held-out
       evaluation, `{task: calibration_report}` plus `"all"` (see
-      `jaxpref.calibration.calibration_report`: reliability bins and every metric, of which
-      eval_final.json keeps the scalars). Not called when there is no final evaluation (a run
-      stopped early, `eval.final=False`, or no held-out items).
+      `jaxpref.evaluation.calibration.calibration_report`: reliability bins and every metric, of
+      which eval_final.json keeps the scalars). Not called when there is no final evaluation (a
+      run stopped early, `eval.final=False`, or no held-out items).
   """
   train_config.validate(config)
   workdir = Path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-  loss_cfg = objectives.LossConfig(
-    kind=config.loss.kind,
-    more_alpha=config.loss.more_alpha,
-    more_normalize=config.loss.more_normalize,
-    margin=config.loss.margin,
-    center_rewards_coef=config.loss.center_rewards_coef,
-  )
+  train_step_lib.loss_config(config.loss)  # Bad loss settings fail here, before any data is read.
 
-  # --- Model and data. ------------------------------------------------------------------------
+  # --- Model, mesh, then data. ---------------------------------------------------------------
+  # The model config is settled (token ids from the tokenizer) before any data is read.
   model_cfg, loaded_params = load_model(config.model, seed=config.train.seed)
   train_config.check_lengths(config, model_cfg)
   if loaded_params is not None and (bad := scoring.non_finite_leaves(loaded_params)):
@@ -158,16 +184,8 @@ def train_and_evaluate(
       f"model.path={config.model.path}: the checkpoint's weights are not finite ({len(bad)} "
       f"arrays with NaN/inf, first {bad[0]})"
     )
-  data = train_data.prepare(config, model_cfg)
-  model_cfg = data.model_cfg
-  num_tasks = len(data.task_names)
-  _save_run_files(config, workdir, model_cfg, data.tokenizer)
-  total_steps = data.num_steps
-  logging.info(
-    "Tasks %s; %d train steps of %d items", data.task_names, total_steps, config.train.batch_size
-  )
-
-  # --- Mesh and sharded state. ----------------------------------------------------------------
+  tokenizer = train_data.load_tokenizer(config)
+  model_cfg = train_data.settle_model_config(model_cfg, tokenizer)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   _check_config(config, mesh, model_cfg)
   logging.info(
@@ -176,47 +194,35 @@ def train_and_evaluate(
     jax.device_count(),
     jax.process_count(),
   )
-  optimizer, schedule = train_state.make_optimizer(config.train, total_steps)
-  rng = jax.random.PRNGKey(config.train.seed)
-  init_fn = functools.partial(train_state.init_state, model_cfg, optimizer, num_tasks)
-  abstract_state = jax.eval_shape(init_fn, rng)
-  state_shardings = train_state.state_shardings(model_cfg, abstract_state, mesh)
-  if loaded_params is None:
-    # Initialised under jit straight into its shards: no host ever holds the full weights.
-    state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
-  else:
-    params = jax.device_put(loaded_params, state_shardings.params)
-    state = jax.jit(lambda r, p: init_fn(r, params=p), out_shardings=state_shardings)(rng, params)
-    del loaded_params, params
+  data = train_data.prepare(config, tokenizer, mesh)
+  num_tasks = len(data.task_names)
+  _save_run_files(config, workdir, model_cfg, data.tokenizer)
+  total_steps = data.num_steps
+  logging.info(
+    "Tasks %s; %d train steps of %d items", data.task_names, total_steps, config.train.batch_size
+  )
 
-  manager = checkpointing.make_manager(
+  # --- Sharded state. -------------------------------------------------------------------------
+  program = train_step_lib.build_from_config(
+    config, model_cfg, num_tasks=num_tasks, total_steps=total_steps, mesh=mesh
+  )
+  # Initialised under jit straight into its shards: no host ever holds the full weights.
+  state = program.init(jax.random.PRNGKey(config.train.seed), loaded_params)
+  del loaded_params
+
+  manager = workdir_lib.make_manager(
     workdir,
-    every_steps=config.checkpoint.every_steps,
     keep=config.checkpoint.keep,
     async_save=config.checkpoint.async_save,
   )
   pipeline = data.train_pipeline
   if manager.latest_step() is not None:
-    abstract = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
-    step, state, data_state = checkpointing.restore(manager, None, abstract)
+    step, state, data_state = workdir_lib.restore(manager, None, program.abstract_sharded_state())
     pipeline.set_state(data_state)
-    checkpointing.log_resume(step, workdir)
+    workdir_lib.log_resume(step, workdir)
   step = int(jax.device_get(state.step))
 
-  step_fn = jax.jit(
-    functools.partial(
-      train_step,
-      model_cfg=model_cfg,
-      loss_cfg=loss_cfg,
-      optimizer=optimizer,
-      schedule=schedule,
-      num_tasks=num_tasks,
-      grad_accum_steps=config.train.grad_accum_steps,
-    ),
-    in_shardings=(state_shardings, None),
-    out_shardings=(state_shardings, None),
-    donate_argnums=0,
-  )
+  step_fn = program.step_fn
   evaluator = evaluation.TrainEvaluator(
     model_cfg,
     data.eval_items,
@@ -237,39 +243,45 @@ def train_and_evaluate(
 
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step")
   window_start, window_tokens, window_steps, window_flops = time.perf_counter(), 0.0, 0, 0.0
+  guard = _FiniteGuard(since=step)
   device_kind = jax.devices()[0].device_kind
   try:
     while step < total_steps:
       if stop.should_stop(manager, step):
-        checkpointing.save(manager, step, state, pipeline.get_state(), force=True)
+        guard.check(step, manager.latest_step(), workdir_lib.checkpoint_dir(workdir))
+        workdir_lib.save(manager, step, state, pipeline.get_state(), force=True)
         logging.warning("Stopped at step %d on request; checkpoint saved.", step)
         break
-      local_batch = next(pipeline)
+      local_batch = next(pipeline)  # Padded or packed, as config.data.packing says.
       # Model FLOPs of the global batch, estimated from this process's share of it.
       window_flops += jax.process_count() * flops.train_flops(
-        model_cfg, local_batch["attention_mask"].sum(-1).ravel()
+        model_cfg, batch_lib.response_lengths(local_batch).ravel()
       )
-      if config.data.packing:
-        local_batch = train_data.pack_local_batch(local_batch, config.data.max_length, mesh)
       batch = train_data.global_batch(local_batch, mesh)
       state, metrics = step_fn(state, batch)
       step += 1
-      # Two scalars per step, fetched anyway for the progress bar: the NaN guard. Finite gradients
-      # too, so that the parameters a later checkpoint saves are finite.
-      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        loss = loss if not math.isfinite(loss) else grad_norm
-        raise TrainingError(
-          f"loss became {loss} at step {step}; stopping. The last good checkpoint "
-          f"(step {manager.latest_step()}) in {checkpointing.checkpoint_dir(workdir)} is kept; "
-          "lower train.learning_rate or check the data."
-        )
+      # No host sync per step: the guard and the token count accumulate on device and are read
+      # at logging, evaluation and checkpoint steps only.
+      guard.update(metrics)
       window_steps += 1
-      window_tokens += float(metrics["tokens"])
+      window_tokens = window_tokens + metrics["tokens"]
       if progress is not None:
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}")
-      if step % config.train.log_every_steps == 0 or step == total_steps:
+      is_log_step = step % config.train.log_every_steps == 0 or step == total_steps
+      is_eval_step = (
+        config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps
+      )
+      is_save_step = workdir_lib.is_checkpoint_step(
+        step, config.checkpoint.every_steps, total_steps
+      )
+      if is_log_step or is_eval_step or is_save_step:
+        # Finite loss and gradients since the last check, so that no checkpoint saves
+        # non-finite parameters.
+        guard.check(step, manager.latest_step(), workdir_lib.checkpoint_dir(workdir))
+      if is_log_step:
+        if progress is not None:
+          progress.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+        window_tokens = float(window_tokens)
         elapsed = time.perf_counter() - window_start
         scalars = flatten_metrics(_host_metrics(metrics), data.task_names)
         scalars["step_time_s"] = elapsed / window_steps
@@ -282,11 +294,11 @@ def train_and_evaluate(
         last_logged = {"step": step, **scalars}
         window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
         window_flops = 0.0
-      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
+      if is_eval_step:
         eval_scalars = evaluator.evaluate(state.params)
         writer.write(step, eval_scalars)
-      if step % config.checkpoint.every_steps == 0 or step == total_steps:
-        checkpointing.save(manager, step, state, pipeline.get_state(), force=True)
+      if is_save_step:
+        workdir_lib.save(manager, step, state, pipeline.get_state(), force=True)
   finally:
     stop.uninstall()
     manager.wait_until_finished()

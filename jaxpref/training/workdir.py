@@ -31,16 +31,22 @@ def checkpoint_dir(workdir: str | Path) -> Path:
   return Path(workdir) / "checkpoints"
 
 
+def is_checkpoint_step(step: int, every_steps: int, total_steps: int) -> bool:
+  """The checkpoint cadence (its one owner): every `checkpoint.every_steps` and the last step."""
+  return step == total_steps or (every_steps > 0 and step % every_steps == 0)
+
+
 def make_manager(
   workdir: str | Path,
   *,
-  every_steps: int,
   keep: int,
   async_save: bool = True,
   read_only: bool = False,
 ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-    save_interval_steps=max(every_steps, 1),
+    # Every `save` call is meant (the cadence is `is_checkpoint_step`); the manager keeps,
+    # writes and finds checkpoints.
+    save_interval_steps=1,
     max_to_keep=keep if keep > 0 else None,
     enable_async_checkpointing=async_save,
     create=not read_only,
@@ -84,19 +90,33 @@ def restore(
     raise CheckpointNotFoundError(
       f"no checkpoint for step {step} in {manager.directory}; have {sorted(manager.all_steps())}"
     )
+  # A partial restore reads the leaves the current state has: checkpoints written before
+  # `TrainState.rng` was removed keep that (unused) leaf on disk and still resume.
   restored = manager.restore(
     step,
     args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+      state=ocp.args.PyTreeRestore(
+        item=abstract_state, restore_args=_restore_args(abstract_state), partial_restore=True
+      ),
+      data=ocp.args.JsonRestore(),
     ),
   )
   return step, restored["state"], dict(restored["data"] or {})
 
 
+def _restore_args(target: Any) -> Any:
+  # Unsharded leaves go to the first local device. Giving every leaf a sharding also keeps Orbax
+  # from reading the saved one, which it warns is unsafe on a different topology.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+    lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or device), target
+  )
+
+
 def restore_params(workdir: str | Path, step: int | None, abstract_params: Any) -> tuple[int, Any]:
   """Only the parameters of a checkpoint (for eval / export), without the optimizer state."""
   with _orbax_warnings_off():  # "read only" warnings about the read-only manager we asked for.
-    manager = make_manager(workdir, every_steps=1, keep=0, async_save=False, read_only=True)
+    manager = make_manager(workdir, keep=0, async_save=False, read_only=True)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     have = sorted(manager.all_steps())
@@ -106,12 +126,7 @@ def restore_params(workdir: str | Path, step: int | None, abstract_params: Any) 
     )
   # Only `params` is read: the optimizer state (twice the parameters' size) stays on disk.
   target = {"params": abstract_params}
-  # Unsharded leaves go to the first local device. Giving every leaf a sharding also keeps Orbax
-  # from reading the saved one, which it warns is unsafe on a different topology.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  restore_args = jax.tree.map(
-    lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or device), target
-  )
+  restore_args = _restore_args(target)
   restored = manager.restore(
     step,
     args=ocp.args.Composite(
