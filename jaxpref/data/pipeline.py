@@ -253,6 +253,7 @@ def build_train_pipeline(
       where = f"item {i}" if isinstance(items, TokenizedItems) else items[i].where
       raise errors.DataConfigError(
         f"task {name!r} ({where}) has {most} responses but responses_per_item={responses_per_item}"
+        " (data.responses_per_item in a training config; 0 = the largest)"
       )
     if int(tok.item_lengths.max()) > max_length:
       raise errors.DataConfigError(

@@ -2,7 +2,7 @@
 a `*ForSequenceClassification` directory that transformers loads and that gives the same rewards.
 
 Nothing here touches the network: a hub id must be downloaded first
-(`huggingface-cli download ORG/NAME --local-dir DIR`, then pass DIR).
+(`hf download ORG/NAME --local-dir DIR`, then pass DIR).
 
 Architectures come from `jaxpref.models.registry` (one `convert.Arch` each: a converter table
 used in both directions, config.json reader and writer). Converters raise `KeyError` /
@@ -74,7 +74,7 @@ def _checkpoint_dir(path: str | Path) -> Path:
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
       raise CheckpointError(
         f"{text!r} is not a local directory and looks like a Hugging Face Hub id; jaxpref never "
-        f"downloads: run `huggingface-cli download {text} --local-dir DIR` and pass DIR"
+        f"downloads: run `hf download {text} --local-dir DIR` (huggingface-hub's CLI) and pass DIR"
       )
     raise CheckpointError(f"checkpoint directory {directory} does not exist")
   if not directory.is_dir():
@@ -86,6 +86,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
   """The parsed config.json of a local Hugging Face model directory."""
   directory = _checkpoint_dir(path)
   config_path = directory / "config.json"
+  if (directory / "model_config.json").is_file():
+    raise CheckpointError(
+      f"{directory} is a jaxpref training workdir, not a Hugging Face model dir: pass it as "
+      f"--workdir={directory}, or export it first (python -m jaxpref.export --workdir={directory} "
+      "--output=DIR)"
+    )
   if not config_path.is_file():
     raise CheckpointError(
       f"no config.json in {directory}: expected a Hugging Face model "

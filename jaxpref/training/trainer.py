@@ -23,8 +23,10 @@ from jaxpref import sharding
 from jaxpref.data import batch as batch_lib
 from jaxpref.data import contract as input_contract
 from jaxpref.evaluation import evaluator as evaluation
+from jaxpref.evaluation import scoring
 from jaxpref.models import reward_model
 from jaxpref.models.source import load_model
+from jaxpref.training import config as train_config
 from jaxpref.training import data as train_data
 from jaxpref.training import flops
 from jaxpref.training import step as train_step_lib
@@ -166,6 +168,7 @@ def train_and_evaluate(
       which eval_final.json keeps the scalars). Not called when there is no final evaluation (a
       run stopped early, `eval.final=False`, or no held-out items).
   """
+  train_config.validate(config)
   workdir = Path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +179,15 @@ def train_and_evaluate(
   # model config is settled (token ids from the tokenizer) before any data is read.
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model_cfg, loaded_params = load_model(config.model, seed=config.train.seed, mesh=mesh)
+  train_config.check_lengths(config, model_cfg)
+  if loaded_params is not None and (bad := scoring.non_finite_leaves(loaded_params)):
+    # Otherwise the first step's loss is NaN and the message blames the learning rate.
+    from jaxpref.models.hf_io import CheckpointError
+
+    raise CheckpointError(
+      f"model.path={config.model.path}: the checkpoint's weights are not finite ({len(bad)} "
+      f"arrays with NaN/inf, first {bad[0]})"
+    )
   tokenizer = train_data.load_tokenizer(config)
   # The input contract (what the model sees) is decided once, here, and stored with the run.
   contract = train_data.configure_input(config, tokenizer, model_cfg)

@@ -10,6 +10,7 @@ Layout of a workdir:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -107,19 +108,18 @@ def restore(
 
 
 def _restore_args(target: Any) -> Any:
+  # Unsharded leaves go to the first local device. Giving every leaf a sharding also keeps Orbax
+  # from reading the saved one, which it warns is unsafe on a different topology.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(
-    lambda x: (
-      ocp.ArrayRestoreArgs(sharding=x.sharding)
-      if getattr(x, "sharding", None)
-      else ocp.RestoreArgs(restore_type=None)
-    ),
-    target,
+    lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or device), target
   )
 
 
 def restore_params(workdir: str | Path, step: int | None, abstract_params: Any) -> tuple[int, Any]:
   """Only the parameters of a checkpoint (for eval / export), without the optimizer state."""
-  manager = make_manager(workdir, keep=0, async_save=False, read_only=True)
+  with _orbax_warnings_off():  # "read only" warnings about the read-only manager we asked for.
+    manager = make_manager(workdir, keep=0, async_save=False, read_only=True)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     have = sorted(manager.all_steps())
@@ -137,6 +137,17 @@ def restore_params(workdir: str | Path, step: int | None, abstract_params: Any) 
     ),
   )
   return step, restored["state"]["params"]
+
+
+@contextlib.contextmanager
+def _orbax_warnings_off():
+  """Orbax logs through absl; its warnings about options we chose on purpose are noise."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
 
 
 def write_model_config(workdir: str | Path, cfg: ModelConfig) -> None:
