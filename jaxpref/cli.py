@@ -77,11 +77,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   """Errors caused by the user's input; printed as one line rather than a traceback."""
   from jaxpref import checkpointing, sharding
   from jaxpref.data import errors as data_errors
+  from jaxpref.training import lock, resume
 
   types = [
     data_errors.DataError,
     checkpointing.CheckpointNotFoundError,
     sharding.MeshError,
+    lock.WorkdirBusyError,
+    resume.ResumeConfigError,
     FileNotFoundError,
   ]
   try:

@@ -30,14 +30,14 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.initialize_distributed()
-  from jaxpref import trainer
+  from jaxpref import checkpointing, trainer
 
   config = FLAGS.config
   if FLAGS.on_error:
     config.data.on_error = FLAGS.on_error
   try:
     result = trainer.train_and_evaluate(config, FLAGS.workdir)
-  except trainer.TrainingError as e:
+  except (trainer.TrainingError, checkpointing.CheckpointSaveError) as e:
     print(f"jaxpref.train: error: {e}", file=sys.stderr)
     sys.exit(1)
   logging.info("Finished at step %d", result["step"])

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +23,12 @@ import numpy as np
 from absl import logging
 
 from jaxpref import checkpointing, evaluation, flops, objectives, sharding, train_data, train_state
+from jaxpref.data.errors import DataConfigError
 from jaxpref.metrics_writer import MetricsWriter, flatten_metrics
 from jaxpref.model_source import load_model
 from jaxpref.models import reward_model
 from jaxpref.train_step import train_step
+from jaxpref.training import lock, resume
 
 
 class TrainingError(RuntimeError):
@@ -32,34 +36,77 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Preemption: SIGTERM (what a TPU VM gets before maintenance) asks the loop to save and stop.
+# Preemption: SIGTERM (what a TPU VM or SLURM sends before it stops a job) or SIGINT (Ctrl-C) asks
+# the loop to finish its step, save and stop with exit 0; a second signal exits at once (Orbax's
+# tmp dir + rename means an unfinished save leaves no checkpoint a restart would pick up).
 # ----------------------------------------------------------------------------------------------
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class _StopRequest:
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous: dict[int, Any] = {}
 
   def install(self):
     def handler(signum, frame):
       del frame
+      if self.requested:
+        print(
+          f"jaxpref.train: second signal {signum}: exiting now without saving; the last "
+          "complete checkpoint stands.",
+          file=sys.stderr,
+          flush=True,
+        )
+        os._exit(128 + signum)
       logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
       self.requested = True
 
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # Not the main thread (e.g. a notebook worker thread): no handler.
-      self._previous = None
+    for signum in _STOP_SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # Not the main thread (e.g. a notebook worker thread): no handler.
+        pass
     return self
 
   def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def should_stop(self, manager, step: int) -> bool:
     if jax.process_count() > 1:
-      # Every process must agree on the step at which they all save.
-      return bool(manager.reached_preemption(step)) or self.requested
+      # Every process must agree on the step at which they all save: a signal that reached one
+      # process stops all of them.
+      from jax.experimental import multihost_utils
+
+      asked = multihost_utils.process_allgather(np.int32(self.requested))
+      return bool(np.max(asked)) or bool(manager.reached_preemption(step))
     return self.requested
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence guard: the loss logged at step s is that of the parameters saved at step s - 1, so a
+# checkpoint is known good only once the next step's loss is finite and not spiking.
+# ----------------------------------------------------------------------------------------------
+class _DivergenceGuard:
+  def __init__(self, factor: float):
+    self.factor = factor
+    self.average: float | None = None
+
+  def problem(self, loss: float, grad_norm: float) -> str | None:
+    """Why this step's loss shows diverging weights, or None (and the running average moves)."""
+    if not math.isfinite(loss):
+      return f"loss became {loss}"
+    if not math.isfinite(grad_norm):
+      return f"loss became {loss} with a gradient norm of {grad_norm}"
+    if self.factor > 0 and self.average is not None and loss > self.factor * self.average:
+      return (
+        f"loss became {loss:.4g}, over train.divergence_factor={self.factor:g} times its "
+        f"running average {self.average:.4g}"
+      )
+    self.average = loss if self.average is None else 0.9 * self.average + 0.1 * loss
+    return None
 
 
 def _check_config(config: ml_collections.ConfigDict, mesh, model_cfg) -> None:
@@ -93,14 +140,52 @@ def _check_config(config: ml_collections.ConfigDict, mesh, model_cfg) -> None:
     )
 
 
-def _save_run_files(config: ml_collections.ConfigDict, workdir: Path, model_cfg, tokenizer) -> None:
+def _save_run_files(
+  config: ml_collections.ConfigDict,
+  workdir: Path,
+  model_cfg,
+  tokenizer,
+  *,
+  start_step: int,
+  changed: dict | None,
+) -> None:
   checkpointing.write_model_config(workdir, model_cfg)
+  if start_step == 0 or changed:
+    resume.record_segment(workdir, start_step, config)
   if jax.process_index() != 0:
     return
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   tokenizer_dir = workdir / "tokenizer"
   if not tokenizer_dir.exists():
     tokenizer.save_pretrained(str(tokenizer_dir))
+
+
+def _lock_workdir(workdir: Path) -> lock.WorkdirLock | None:
+  """Process 0 locks the workdir; every process fails together if another run holds it."""
+  held, error = None, None
+  if jax.process_index() == 0:
+    try:
+      held = lock.WorkdirLock(workdir).acquire()
+    except lock.WorkdirBusyError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    busy = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if int(busy) and error is None:
+      error = lock.WorkdirBusyError(f"workdir {workdir} is in use by another run")
+  if error is not None:
+    raise error
+  return held
+
+
+def _set_aside_diverged(manager, workdir: Path, from_step: int) -> list[int]:
+  """Moves checkpoints of steps >= `from_step` (diverging weights) out of the way."""
+  manager.wait_until_finished()
+  bad = [s for s in sorted(manager.all_steps()) if s >= from_step]
+  for s in bad:
+    checkpointing.move_aside(workdir, s, "diverged_checkpoints")
+  manager.reload()
+  return bad
 
 
 def _host_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -128,6 +213,22 @@ def train_and_evaluate(
   workdir = Path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lock = _lock_workdir(workdir)
+  stop = _StopRequest().install()
+  try:
+    return _train(config, workdir, stop, on_final_eval)
+  finally:
+    stop.uninstall()
+    if workdir_lock is not None:
+      workdir_lock.release()
+
+
+def _train(
+  config: ml_collections.ConfigDict,
+  workdir: Path,
+  stop: _StopRequest,
+  on_final_eval: Callable[[dict[str, dict[str, Any]]], None] | None,
+) -> dict[str, Any]:
   loss_cfg = objectives.LossConfig(
     kind=config.loss.kind,
     more_alpha=config.loss.more_alpha,
@@ -135,13 +236,27 @@ def train_and_evaluate(
     margin=config.loss.margin,
     center_rewards_coef=config.loss.center_rewards_coef,
   )
+  manager = checkpointing.make_manager(
+    workdir,
+    every_steps=config.checkpoint.every_steps,
+    keep=config.checkpoint.keep,
+    async_save=config.checkpoint.async_save,
+  )
+  # A resume must mean the same run: checked before the (slow) data and model loading.
+  latest = manager.latest_step()
+  changed = resume.check_resume(workdir, latest, config) if latest is not None else None
 
   # --- Model and data. ------------------------------------------------------------------------
   model_cfg, loaded_params = load_model(config.model, seed=config.train.seed)
+  if latest is not None and (workdir / "model_config.json").is_file():
+    resume.check_shapes(
+      reward_model.abstract_params(checkpointing.read_model_config(workdir)),
+      reward_model.abstract_params(model_cfg),
+      workdir,
+    )
   data = train_data.prepare(config, model_cfg)
   model_cfg = data.model_cfg
   num_tasks = len(data.task_names)
-  _save_run_files(config, workdir, model_cfg, data.tokenizer)
   total_steps = data.num_steps
   logging.info(
     "Tasks %s; %d train steps of %d items", data.task_names, total_steps, config.train.batch_size
@@ -161,27 +276,42 @@ def train_and_evaluate(
   init_fn = functools.partial(train_state.init_state, model_cfg, optimizer, num_tasks)
   abstract_state = jax.eval_shape(init_fn, rng)
   state_shardings = train_state.state_shardings(model_cfg, abstract_state, mesh)
-  if loaded_params is None:
-    # Initialised under jit straight into its shards: no host ever holds the full weights.
-    state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
-  else:
-    params = jax.device_put(loaded_params, state_shardings.params)
-    state = jax.jit(lambda r, p: init_fn(r, params=p), out_shardings=state_shardings)(rng, params)
-    del loaded_params, params
 
-  manager = checkpointing.make_manager(
-    workdir,
-    every_steps=config.checkpoint.every_steps,
-    keep=config.checkpoint.keep,
-    async_save=config.checkpoint.async_save,
-  )
   pipeline = data.train_pipeline
-  if manager.latest_step() is not None:
+  restored = None
+  if latest is not None:
     abstract = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
-    step, state, data_state = checkpointing.restore(manager, None, abstract)
-    pipeline.set_state(data_state)
+    restored = checkpointing.restore_intact(manager, workdir, abstract)
+  if restored is not None:
+    step, state, data_state = restored
+    step = int(jax.device_get(state.step))
+    try:
+      # The data position is the train state's step, on every process.
+      pipeline.set_state(data_state, step=step, force=config.resume.force)
+    except DataConfigError as e:
+      raise DataConfigError(f"{e}; or --config.resume.force=True to continue anyway") from None
     checkpointing.log_resume(step, workdir)
-  step = int(jax.device_get(state.step))
+    if changed:
+      logging.warning(
+        "Resuming with a changed config (recorded in config.%d.json): %s",
+        step,
+        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+      )
+    dropped = resume.drop_metrics_after(workdir, step)
+    if dropped:
+      logging.info("Dropped %d metrics.jsonl rows after step %d (replayed now).", dropped, step)
+  else:
+    if loaded_params is None:
+      # Initialised under jit straight into its shards: no host ever holds the full weights.
+      state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
+    else:
+      params = jax.device_put(loaded_params, state_shardings.params)
+      state = jax.jit(lambda r, p: init_fn(r, params=p), out_shardings=state_shardings)(rng, params)
+      del params
+    step = 0
+  del loaded_params
+  _save_run_files(config, workdir, model_cfg, data.tokenizer, start_step=step, changed=changed)
+  start_step = step
 
   step_fn = jax.jit(
     functools.partial(
@@ -208,9 +338,10 @@ def train_and_evaluate(
   )
 
   # --- The loop. ------------------------------------------------------------------------------
-  writer = MetricsWriter(workdir)
-  stop = _StopRequest().install()
+  writer = MetricsWriter(workdir, purge_step=step + 1 if step else None)
+  guard = _DivergenceGuard(config.train.divergence_factor)
   last_logged: dict[str, Any] = {}
+  saved_step = step if restored is not None else None  # the newest step on disk (or in flight)
   progress = None
   if jax.process_index() == 0 and step < total_steps:
     from tqdm.auto import tqdm
@@ -221,8 +352,14 @@ def train_and_evaluate(
   try:
     while step < total_steps:
       if stop.should_stop(manager, step):
-        checkpointing.save(manager, step, state, pipeline.get_state(), force=True)
-        logging.warning("Stopped at step %d on request; checkpoint saved.", step)
+        if step == saved_step:
+          logging.warning("Stopped at step %d on request; its checkpoint is saved.", step)
+        elif step == start_step:
+          logging.warning("Stopped on request before the first step; nothing to save.")
+        else:
+          checkpointing.save(manager, step, state, pipeline.get_state(), force=True)
+          saved_step = step
+          logging.warning("Stopped at step %d on request; checkpoint saved.", step)
         break
       local_batch = next(pipeline)
       # Model FLOPs of the global batch, estimated from this process's share of it.
@@ -234,16 +371,28 @@ def train_and_evaluate(
       batch = train_data.global_batch(local_batch, mesh)
       state, metrics = step_fn(state, batch)
       step += 1
-      # Two scalars per step, fetched anyway for the progress bar: the NaN guard. Finite gradients
-      # too, so that the parameters a later checkpoint saves are finite.
+      # Two scalars per step, fetched anyway for the progress bar: the divergence guard. They
+      # judge the parameters of step - 1, so a checkpoint of step - 1 holds diverging weights.
       loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        loss = loss if not math.isfinite(loss) else grad_norm
-        raise TrainingError(
-          f"loss became {loss} at step {step}; stopping. The last good checkpoint "
-          f"(step {manager.latest_step()}) in {checkpointing.checkpoint_dir(workdir)} is kept; "
-          "lower train.learning_rate or check the data."
+      problem = guard.problem(loss, grad_norm)
+      if problem is not None:
+        set_aside = _set_aside_diverged(manager, workdir, step - 1)
+        good = manager.latest_step()
+        kept = (
+          f"the last good checkpoint (step {good}) in {checkpointing.checkpoint_dir(workdir)} "
+          "is kept"
+          if good is not None
+          else "no checkpoint from before the divergence exists"
         )
+        aside = (
+          f", diverged step(s) {set_aside} moved to diverged_checkpoints/" if set_aside else ""
+        )
+        raise TrainingError(
+          f"{problem} at step {step}; stopping. {kept}{aside}; lower train.learning_rate or "
+          "check the data."
+        )
+      if saved_step is not None and config.checkpoint.async_save:
+        checkpointing.check_saved(manager, saved_step)  # A failed background save, at once.
       window_steps += 1
       window_tokens += float(metrics["tokens"])
       if progress is not None:
@@ -267,13 +416,18 @@ def train_and_evaluate(
         writer.write(step, eval_scalars)
       if step % config.checkpoint.every_steps == 0 or step == total_steps:
         checkpointing.save(manager, step, state, pipeline.get_state(), force=True)
+        saved_step = step
+    if saved_step is not None:
+      checkpointing.check_saved(manager, saved_step, wait=True)
   finally:
-    stop.uninstall()
-    manager.wait_until_finished()
+    try:
+      manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - the error in flight (if any) says more.
+      logging.warning("Waiting for the last checkpoint save failed: %s", e)
     if progress is not None:
       progress.close()
 
-  if step >= total_steps and config.eval.final and evaluator.has_data:
+  if step >= total_steps and config.eval.final and evaluator.has_data and not stop.requested:
     # Reports once, then the logged scalars from them (what `evaluator.evaluate` returns), so that
     # a caller who wants the reliability bins does not pay for a second evaluation.
     eval_reports = evaluator.reports(state.params)

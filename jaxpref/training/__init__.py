@@ -1,0 +1,1 @@
+"""Training: the loop, its config, state, data, workdir layout and metrics."""
