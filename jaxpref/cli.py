@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging as logging_std
 import sys
 
 import jax
@@ -94,6 +95,20 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   except (ImportError, AttributeError):
     pass
   return tuple(types)
+
+
+class _NoLibraryTracebacks(logging_std.Filter):
+  """Keeps the line, drops the traceback, of errors that Orbax logs from its save threads: the
+  program reports the failure itself, in one line naming the step (see `checkpointing.save`)."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    if record.exc_info and "/orbax/" in (record.pathname or ""):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def quiet_library_tracebacks() -> None:
+  logging_std.getLogger("absl").addFilter(_NoLibraryTracebacks())
 
 
 def run_main(program: str, main_fn, argv) -> None:

@@ -30,6 +30,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.initialize_distributed()
+  cli.quiet_library_tracebacks()
   from jaxpref import checkpointing, trainer
 
   config = FLAGS.config

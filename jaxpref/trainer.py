@@ -415,6 +415,9 @@ def _train(
         eval_scalars = evaluator.evaluate(state.params)
         writer.write(step, eval_scalars)
       if step % config.checkpoint.every_steps == 0 or step == total_steps:
+        if saved_step is not None:
+          # Orbax waits for the previous save anyway; a failure of it is reported as its own.
+          checkpointing.check_saved(manager, saved_step, wait=True)
         checkpointing.save(manager, step, state, pipeline.get_state(), force=True)
         saved_step = step
     if saved_step is not None:

@@ -1,0 +1,266 @@
+"""Resume robustness (issue 14): damaged checkpoints, changed configs or data, a second trainer,
+signals inside a save, save failures, divergence, and stop/resume on two processes.
+
+Fast tests work on the pieces (a tiny checkpoint, config files, the lock); in-process runs of the
+tiny config cover the loop paths once each; `slow` ones go through the programs end to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import train_helpers as th
+
+from jaxpref import checkpointing
+from jaxpref.training import lock, resume
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints: one line, the newest intact one instead.
+# ----------------------------------------------------------------------------------------------
+def _tiny_checkpoints(workdir: Path, steps=(1, 2)):
+  manager = checkpointing.make_manager(workdir, every_steps=1, keep=0, async_save=False)
+  for step in steps:
+    state = {"params": {"w": jnp.full((64, 8), float(step))}}
+    checkpointing.save(manager, step, state, {"next_index": step}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  return jax.eval_shape(lambda: {"params": {"w": jnp.zeros((64, 8))}})
+
+
+def _damage(step_dir: Path, how: str) -> None:
+  if how == "truncated":
+    data_files = sorted((step_dir / "state").rglob("d/*"), key=lambda p: -p.stat().st_size)
+    with open(data_files[0], "r+b") as f:
+      f.truncate(data_files[0].stat().st_size // 2)
+  elif how == "no_metadata":
+    (step_dir / "state" / "_METADATA").unlink()
+  elif how == "no_state":
+    shutil.rmtree(step_dir / "state")
+
+
+@pytest.mark.parametrize("how", ["truncated", "no_metadata", "no_state"])
+def test_damaged_latest_checkpoint_falls_back_to_newest_intact(tmp_path, how, capfd):
+  abstract = _tiny_checkpoints(tmp_path)
+  _damage(tmp_path / "checkpoints" / "2", how)
+
+  # eval / export: the newest intact step, one warning line; a damaged --step is a clear error.
+  step, params = checkpointing.restore_params(tmp_path, None, abstract["params"])
+  assert step == 1 and float(np.asarray(params["w"]).max()) == 1.0
+  err = capfd.readouterr().err
+  lines = [line for line in err.splitlines() if "damaged" in line]
+  assert len(lines) == 1 and "step 2" in lines[0], err
+  with pytest.raises(checkpointing.CheckpointDamagedError, match="step 2 .* is damaged"):
+    checkpointing.restore_params(tmp_path, 2, abstract["params"])
+
+  # The trainer: restores step 1 and moves step 2 aside, so that it can save step 2 again.
+  manager = checkpointing.make_manager(tmp_path, every_steps=1, keep=0, async_save=False)
+  step, state, data_state = checkpointing.restore_intact(manager, tmp_path, abstract)
+  assert step == 1 and data_state == {"next_index": 1}
+  assert sorted(manager.all_steps()) == [1]
+  assert (tmp_path / "damaged_checkpoints" / "2").is_dir()
+  checkpointing.save(manager, 2, state, {"next_index": 2}, force=True)
+  manager.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# A workdir belongs to one run.
+# ----------------------------------------------------------------------------------------------
+def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
+  with lock.WorkdirLock(tmp_path), pytest.raises(lock.WorkdirBusyError) as info:
+    lock.WorkdirLock(tmp_path).acquire()
+  assert f"pid {os.getpid()}" in str(info.value) and "\n" not in str(info.value)
+  # A holder killed with -9 leaves the file but not the lock.
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; from jaxpref.training.lock import WorkdirLock; "
+      f"WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)",
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+    env=th.env_with(),
+    cwd=th.REPO,
+  )
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(lock.WorkdirBusyError, match=f"pid {holder.pid}"):
+      lock.WorkdirLock(tmp_path).acquire()
+  finally:
+    holder.kill()
+    holder.wait()
+  lock.WorkdirLock(tmp_path).acquire().release()
+
+
+def test_second_trainer_on_a_busy_workdir_is_one_line(tmp_path):
+  with lock.WorkdirLock(tmp_path):
+    proc = th.run_train(tmp_path, check=False, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "is in use by another run" in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# What a resume must share with its checkpoint; metrics rows after a resume.
+# ----------------------------------------------------------------------------------------------
+def test_config_changes_on_resume(tmp_path):
+  config = th.tiny_config()
+  resume.record_segment(tmp_path, 0, config)
+  harmless = th.tiny_config(train__steps=8, eval__every_steps=2, train__learning_rate=1e-4)
+  changed = resume.check_resume(tmp_path, 4, harmless)
+  assert set(changed) == {"train.steps", "eval.every_steps", "train.learning_rate"}
+  resume.record_segment(tmp_path, 4, harmless)
+  assert sorted(resume.segment_configs(tmp_path)) == [0, 4]
+  assert resume.config_at(tmp_path, 6)["train"]["steps"] == 8  # Written by the 2nd segment.
+  assert resume.config_at(tmp_path, 4)["train"]["steps"] == 4
+
+  for change, key in [
+    (dict(loss__kind="ranking"), "loss.kind"),
+    (dict(data__max_length=32), "data.max_length"),
+    (dict(train__batch_size=12), "train.batch_size"),
+  ]:
+    with pytest.raises(resume.ResumeConfigError, match=rf"{key}.*--config.resume.force=True"):
+      resume.check_resume(tmp_path, 6, th.tiny_config(train__steps=8, **change))
+    forced = th.tiny_config(train__steps=8, resume__force=True, **change)
+    assert key in resume.check_resume(tmp_path, 6, forced)
+
+  from jaxpref.model_source import model_config_from_config
+  from jaxpref.models import reward_model
+
+  small = reward_model.abstract_params(model_config_from_config(config.model))
+  big = reward_model.abstract_params(
+    model_config_from_config(th.tiny_config(model__hidden_size=64).model)
+  )
+  with pytest.raises(resume.ResumeConfigError, match="shape"):
+    resume.check_shapes(small, big, tmp_path)
+
+
+def test_replayed_metrics_rows_are_dropped(tmp_path):
+  rows = [{"step": s, "loss": 0.5} for s in (1, 2, 3, 4)] + [{"step": 4, "eval/x": 1.0}]
+  (tmp_path / "metrics.jsonl").write_text(
+    "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo'  # a line cut by a kill
+  )
+  assert resume.drop_metrics_after(tmp_path, 2) == 4
+  assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+    1,
+    2,
+  ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop, in process (what a notebook does): signals inside a save, a full disk, divergence.
+# ----------------------------------------------------------------------------------------------
+def _steps_on_disk(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _restored_params(workdir: Path, step=None):
+  from jaxpref.models import reward_model
+
+  cfg = checkpointing.read_model_config(workdir)
+  return checkpointing.restore_params(workdir, step, reward_model.abstract_params(cfg))
+
+
+@pytest.mark.usefixtures("shared_dir")
+def test_signal_inside_an_async_save_stops_cleanly_and_resumes(tmp_path, monkeypatch):
+  """SIGINT, then (resumed) SIGTERM, each arriving while the checkpoint of its step is being
+  written: the loop must not save that step again (StepAlreadyExistsError) nor go on."""
+  from jaxpref import trainer
+
+  original = checkpointing.save
+  signal_at = {}
+
+  def save_then_signal(manager, step, *args, **kwargs):
+    saved = original(manager, step, *args, **kwargs)  # Async: still being written.
+    if step in signal_at:
+      os.kill(os.getpid(), signal_at.pop(step))
+    return saved
+
+  monkeypatch.setattr(checkpointing, "save", save_then_signal)
+  workdir = tmp_path / "run"
+  signal_at[2] = signal.SIGINT
+  result = trainer.train_and_evaluate(th.tiny_config(train__steps=6), workdir)
+  assert result["step"] == 2 and _steps_on_disk(workdir) == [2]
+  assert not (workdir / "eval_final.json").exists()
+
+  signal_at[4] = signal.SIGTERM
+  result = trainer.train_and_evaluate(th.tiny_config(train__steps=6), workdir)
+  assert result["step"] == 4 and _steps_on_disk(workdir) == [2, 4]
+  assert _restored_params(workdir)[0] == 4
+  assert sorted(th.losses_by_step(workdir).items()) == [
+    (s, v) for s, v in sorted(th.losses_by_step(workdir).items()) if len(v) == 1
+  ]
+  assert sorted(th.losses_by_step(workdir)) == [1, 2, 3, 4]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Handlers given back.
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str):
+  path.mkdir()
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+  )
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.usefixtures("shared_dir")
+def test_disk_full_is_one_line_at_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  """A 13 MiB tmpfs holds the tokenizer (3.5 MiB) and one checkpoint (6.3 MiB), not two."""
+  from jaxpref import trainer
+
+  with _small_tmpfs(tmp_path / "small", "13m") as workdir:
+    config = th.tiny_config(train__steps=6, eval__final=False)
+    with pytest.raises(checkpointing.CheckpointSaveError) as info:
+      trainer.train_and_evaluate(config, workdir)
+    message = str(info.value)
+    assert "\n" not in message and "No space left on device" in message, message
+    assert message.startswith(f"could not save the checkpoint of step 4 in {workdir}"), message
+    step, params = _restored_params(workdir)
+    assert step == 2 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+
+@pytest.mark.usefixtures("shared_dir")
+def test_divergence_keeps_the_last_checkpoint_with_sound_weights(tmp_path):
+  """lr 1e9 after a 10-step warmup: the step-1 update is 0, the step-2 one blows the weights up.
+  The loss that shows it is step 3's, so the checkpoint of step 2 is set aside, not kept."""
+  from jaxpref import trainer
+
+  workdir = tmp_path / "run"
+  config = th.tiny_config(
+    train__learning_rate=1e9,
+    train__warmup_steps=10,
+    train__steps=8,
+    checkpoint__every_steps=1,
+  )
+  with pytest.raises(trainer.TrainingError) as info:
+    trainer.train_and_evaluate(config, workdir)
+  message = str(info.value)
+  assert "\n" not in message and "at step 3" in message and "(step 1)" in message, message
+  assert _steps_on_disk(workdir) == [1] and (workdir / "diverged_checkpoints" / "2").is_dir()
+  _, params = _restored_params(workdir)
+  assert max(float(np.abs(np.asarray(p)).max()) for p in jax.tree.leaves(params)) < 10
+
+  # Resuming with a sane learning rate trains on from step 1 with finite losses.
+  trainer.train_and_evaluate(
+    th.tiny_config(train__warmup_steps=10, train__steps=4, checkpoint__every_steps=1), workdir
+  )
+  losses = th.losses_by_step(workdir)
+  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v).all() for v in losses.values())
+  assert (workdir / "config.1.json").is_file()
