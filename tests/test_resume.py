@@ -264,3 +264,42 @@ def test_divergence_keeps_the_last_checkpoint_with_sound_weights(tmp_path):
   losses = th.losses_by_step(workdir)
   assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v).all() for v in losses.values())
   assert (workdir / "config.1.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes (jax.distributed on localhost): stop after the checkpoint of step 2, resume.
+# ----------------------------------------------------------------------------------------------
+# Warmup then constant: the learning rate of a step does not depend on the run length, so a run
+# of 2 steps resumed to 4 is the same optimisation as a run of 4.
+TWO_PROCESS = ("--config.train.schedule=constant", "--config.eval.final=False")
+
+
+@pytest.fixture(scope="module")
+def resumed_two_process_run(tmp_path_factory):
+  if not th.REPO.parent.joinpath("shared").exists() and "JAXPREF_SHARED" not in os.environ:
+    pytest.skip("shared data not found")
+  workdir = tmp_path_factory.mktemp("two_process_resumed")
+  th.run_train_multiprocess(workdir, *TWO_PROCESS, "--config.train.steps=2")
+  results = th.run_train_multiprocess(workdir, *TWO_PROCESS, "--config.train.steps=4")
+  return workdir, results
+
+
+@pytest.mark.multiprocess
+def test_two_processes_resume(resumed_two_process_run):
+  workdir, results = resumed_two_process_run
+  for result in results:
+    assert "Resuming from the checkpoint of step 2" in result.stderr, result.stderr[-3000:]
+  losses = th.losses_by_step(workdir)
+  assert sorted(losses) == [1, 2, 3, 4] and all(len(v) == 1 for v in losses.values())
+  assert _steps_on_disk(workdir) == [2, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_stop_and_resume_equals_uninterrupted(resumed_two_process_run, tmp_path):
+  workdir, _ = resumed_two_process_run
+  th.run_train_multiprocess(tmp_path, *TWO_PROCESS, "--config.train.steps=4")
+  expected, got = th.losses_by_step(tmp_path), th.losses_by_step(workdir)
+  assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
+  for step in expected:
+    np.testing.assert_allclose(got[step][0], expected[step][0], rtol=1e-6, err_msg=f"{step}")
