@@ -136,6 +136,12 @@ def test_config_changes_on_resume(tmp_path):
     forced = th.tiny_config(train__steps=8, resume__force=True, **change)
     assert key in resume.check_resume(tmp_path, 6, forced)
 
+  # A key that the checkpoint's jaxpref did not have yet is recorded, not refused.
+  saved = json.loads((tmp_path / "config.4.json").read_text())
+  del saved["model"]["remat"], saved["loss"]["margin"]
+  (tmp_path / "config.4.json").write_text(json.dumps(saved))
+  assert "loss.margin" in resume.check_resume(tmp_path, 6, th.tiny_config(train__steps=8))
+
   from jaxpref.model_source import model_config_from_config
   from jaxpref.models import reward_model
 
@@ -303,3 +309,87 @@ def test_two_processes_stop_and_resume_equals_uninterrupted(resumed_two_process_
   assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
   for step in expected:
     np.testing.assert_allclose(got[step][0], expected[step][0], rtol=1e-6, err_msg=f"{step}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the programs.
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("shared_dir")
+def test_second_signal_exits_at_once_and_leaves_no_damaged_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+    th.train_command(workdir, "--config.train.steps=1000", "--config.checkpoint.every_steps=1"),
+    env=th.env_with(),
+    cwd=th.REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  th.wait_for_step(workdir, 3, proc)  # The save of step 2 waited for that of step 1.
+  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signal.SIGTERM)  # Another signal, so that the two are not merged into one.
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode in (0, 128 + signal.SIGTERM), err[-3000:]
+  if proc.returncode:
+    assert "second signal" in err
+  steps = _steps_on_disk(workdir)  # What an interrupted save left is no checkpoint.
+  assert steps and steps[0] == 1, steps
+  for step in steps:
+    _, params = _restored_params(workdir, step)
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+
+def _program(module: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", f"jaxpref.{module}", *args],
+    env=th.env_with(),
+    cwd=th.REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("shared_dir")
+def test_damaged_checkpoint_changed_data_and_config_through_the_programs(tmp_path):
+  workdir = tmp_path / "run"
+  th.run_train(workdir, "--config.eval.final=False")  # Checkpoints 2 and 4.
+  (workdir / "checkpoints" / "4" / "state" / "_METADATA").unlink()
+
+  # export and eval: the newest intact checkpoint, one warning line; --step=4 is one error line.
+  out = _program("export", f"--workdir={workdir}", f"--output={tmp_path / 'hf'}")
+  assert out.returncode == 0 and "step 2 of" in out.stderr, out.stderr[-3000:]
+  assert out.stderr.count("is damaged") == 1 and "Traceback" not in out.stderr
+  out = _program("export", f"--workdir={workdir}", "--step=4", f"--output={tmp_path / 'hf4'}")
+  assert out.returncode == 2 and "step 4" in out.stderr and "Traceback" not in out.stderr
+  data = th.tiny_config().data.files.split(",")[0]
+  out = _program(
+    "eval",
+    f"--workdir={workdir}",
+    f"--data={data}",
+    f"--output={tmp_path / 'eval'}",
+    "--max_length=64",
+    "--n_bootstrap=0",
+  )
+  assert out.returncode == 0 and out.stderr.count("is damaged") == 1, out.stderr[-3000:]
+
+  # A refused config change, then the same data with chosen and rejected swapped: one line each.
+  proc = th.run_train(workdir, "--config.loss.kind=ranking", check=False)
+  assert proc.returncode == 2 and "loss.kind" in proc.stderr and "Traceback" not in proc.stderr
+  swapped = tmp_path / "helpful.json"
+  records = json.loads(Path(data).read_text())
+  swapped.write_text(json.dumps(records))  # Same content under another path: accepted...
+  files = th.tiny_config().data.files.split(",")
+  proc = th.run_train(workdir, f"--config.data.files={','.join([str(swapped), *files[1:]])}")
+  assert "is damaged" in proc.stderr and "Resuming from the checkpoint of step 2" in proc.stderr
+  assert _steps_on_disk(workdir) == [2, 4] and (workdir / "damaged_checkpoints" / "4").is_dir()
+  # ...every preference inverted is not, naming the task, unless forced.
+  for record in records:
+    record["text"] = record["text"][::-1]
+  swapped.write_text(json.dumps(records))
+  proc = th.run_train(
+    workdir, f"--config.data.files={','.join([str(swapped), *files[1:]])}", check=False
+  )
+  assert proc.returncode == 2 and "task 'helpful'" in proc.stderr, proc.stderr[-3000:]
+  assert "--config.resume.force=True" in proc.stderr and "Traceback" not in proc.stderr

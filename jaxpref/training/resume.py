@@ -96,7 +96,9 @@ def check_resume(
   if saved is None:
     return {}
   changed = changes(saved, config_dict(config))
-  refused = {k: v for k, v in changed.items() if meaningful(k)}
+  # A key the saved config lacks was added by a newer jaxpref: recorded, never refused.
+  known = _flat(saved)
+  refused = {k: v for k, v in changed.items() if meaningful(k) and k in known}
   if refused and not config.resume.force:
     shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:4])
     more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
