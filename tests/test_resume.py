@@ -26,6 +26,42 @@ from jaxpref import checkpointing
 from jaxpref.training import lock, resume
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """One persistent XLA cache for this file's runs, in process and in subprocesses: most of them
+  compile the same tiny step, and compiling it is most of a tiny run's time on 2 CPU cores."""
+  cache = str(tmp_path_factory.mktemp("xla_cache"))
+  settings = {
+    "jax_compilation_cache_dir": cache,
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+  }
+  before = {name: getattr(jax.config, name) for name in settings}
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in settings.items():
+      jax.config.update(name, value)
+      patch.setenv(name.upper(), str(value))
+    yield cache
+  for name, value in before.items():
+    jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory, preferences_dir) -> str:
+  """The first 48 records of each shared file: reading all of them is most of a tiny run's start."""
+  folder = tmp_path_factory.mktemp("small_data")
+  paths = []
+  for name in ("helpful", "harmless", "webgpt"):
+    records = json.loads((preferences_dir / f"{name}.json").read_text())[:48]
+    paths.append(folder / f"{name}.json")
+    paths[-1].write_text(json.dumps(records))
+  return ",".join(str(p) for p in paths)
+
+
+def _config(files: str, **changes):
+  return th.tiny_config(data__files=files, **changes)
+
+
 # ----------------------------------------------------------------------------------------------
 # Damaged checkpoints: one line, the newest intact one instead.
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +216,7 @@ def _restored_params(workdir: Path, step=None):
 
 
 @pytest.mark.usefixtures("shared_dir")
-def test_signal_inside_an_async_save_stops_cleanly_and_resumes(tmp_path, monkeypatch):
+def test_signal_inside_an_async_save_stops_cleanly_and_resumes(tmp_path, monkeypatch, small_files):
   """SIGINT, then (resumed) SIGTERM, each arriving while the checkpoint of its step is being
   written: the loop must not save that step again (StepAlreadyExistsError) nor go on."""
   from jaxpref import trainer
@@ -197,12 +233,12 @@ def test_signal_inside_an_async_save_stops_cleanly_and_resumes(tmp_path, monkeyp
   monkeypatch.setattr(checkpointing, "save", save_then_signal)
   workdir = tmp_path / "run"
   signal_at[2] = signal.SIGINT
-  result = trainer.train_and_evaluate(th.tiny_config(train__steps=6), workdir)
+  result = trainer.train_and_evaluate(_config(small_files, train__steps=6), workdir)
   assert result["step"] == 2 and _steps_on_disk(workdir) == [2]
   assert not (workdir / "eval_final.json").exists()
 
   signal_at[4] = signal.SIGTERM
-  result = trainer.train_and_evaluate(th.tiny_config(train__steps=6), workdir)
+  result = trainer.train_and_evaluate(_config(small_files, train__steps=6), workdir)
   assert result["step"] == 4 and _steps_on_disk(workdir) == [2, 4]
   assert _restored_params(workdir)[0] == 4
   assert sorted(th.losses_by_step(workdir).items()) == [
@@ -227,12 +263,12 @@ def _small_tmpfs(path: Path, size: str):
 
 
 @pytest.mark.usefixtures("shared_dir")
-def test_disk_full_is_one_line_at_the_step_and_keeps_the_last_checkpoint(tmp_path):
+def test_disk_full_is_one_line_at_the_step_and_keeps_the_last_checkpoint(tmp_path, small_files):
   """A 13 MiB tmpfs holds the tokenizer (3.5 MiB) and one checkpoint (6.3 MiB), not two."""
   from jaxpref import trainer
 
   with _small_tmpfs(tmp_path / "small", "13m") as workdir:
-    config = th.tiny_config(train__steps=6, eval__final=False)
+    config = _config(small_files, train__steps=6)
     with pytest.raises(checkpointing.CheckpointSaveError) as info:
       trainer.train_and_evaluate(config, workdir)
     message = str(info.value)
@@ -243,13 +279,14 @@ def test_disk_full_is_one_line_at_the_step_and_keeps_the_last_checkpoint(tmp_pat
 
 
 @pytest.mark.usefixtures("shared_dir")
-def test_divergence_keeps_the_last_checkpoint_with_sound_weights(tmp_path):
+def test_divergence_keeps_the_last_checkpoint_with_sound_weights(tmp_path, small_files):
   """lr 1e9 after a 10-step warmup: the step-1 update is 0, the step-2 one blows the weights up.
   The loss that shows it is step 3's, so the checkpoint of step 2 is set aside, not kept."""
   from jaxpref import trainer
 
   workdir = tmp_path / "run"
-  config = th.tiny_config(
+  config = _config(
+    small_files,
     train__learning_rate=1e9,
     train__warmup_steps=10,
     train__steps=8,
@@ -265,10 +302,11 @@ def test_divergence_keeps_the_last_checkpoint_with_sound_weights(tmp_path):
 
   # Resuming with a sane learning rate trains on from step 1 with finite losses.
   trainer.train_and_evaluate(
-    th.tiny_config(train__warmup_steps=10, train__steps=4, checkpoint__every_steps=1), workdir
+    _config(small_files, train__steps=6, checkpoint__every_steps=1), workdir
   )
   losses = th.losses_by_step(workdir)
-  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v).all() for v in losses.values())
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(v).all() and len(v) == 1 for v in losses.values())
   assert (workdir / "config.1.json").is_file()
 
 
@@ -281,18 +319,17 @@ TWO_PROCESS = ("--config.train.schedule=constant", "--config.eval.final=False")
 
 
 @pytest.fixture(scope="module")
-def resumed_two_process_run(tmp_path_factory):
-  if not th.REPO.parent.joinpath("shared").exists() and "JAXPREF_SHARED" not in os.environ:
-    pytest.skip("shared data not found")
+def resumed_two_process_run(tmp_path_factory, small_files):
   workdir = tmp_path_factory.mktemp("two_process_resumed")
-  th.run_train_multiprocess(workdir, *TWO_PROCESS, "--config.train.steps=2")
-  results = th.run_train_multiprocess(workdir, *TWO_PROCESS, "--config.train.steps=4")
-  return workdir, results
+  flags = (*TWO_PROCESS, f"--config.data.files={small_files}")
+  th.run_train_multiprocess(workdir, *flags, "--config.train.steps=2")
+  results = th.run_train_multiprocess(workdir, *flags, "--config.train.steps=4")
+  return workdir, flags, results
 
 
 @pytest.mark.multiprocess
 def test_two_processes_resume(resumed_two_process_run):
-  workdir, results = resumed_two_process_run
+  workdir, _, results = resumed_two_process_run
   for result in results:
     assert "Resuming from the checkpoint of step 2" in result.stderr, result.stderr[-3000:]
   losses = th.losses_by_step(workdir)
@@ -303,8 +340,8 @@ def test_two_processes_resume(resumed_two_process_run):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_stop_and_resume_equals_uninterrupted(resumed_two_process_run, tmp_path):
-  workdir, _ = resumed_two_process_run
-  th.run_train_multiprocess(tmp_path, *TWO_PROCESS, "--config.train.steps=4")
+  workdir, flags, _ = resumed_two_process_run
+  th.run_train_multiprocess(tmp_path, *flags, "--config.train.steps=4")
   expected, got = th.losses_by_step(tmp_path), th.losses_by_step(workdir)
   assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
   for step in expected:
@@ -314,11 +351,33 @@ def test_two_processes_stop_and_resume_equals_uninterrupted(resumed_two_process_
 # ----------------------------------------------------------------------------------------------
 # Through the programs.
 # ----------------------------------------------------------------------------------------------
+def test_first_signal_asks_to_stop_and_a_second_exits_at_once(monkeypatch):
+  from jaxpref import trainer
+
+  exits = []
+  monkeypatch.setattr(trainer.os, "_exit", exits.append)
+  stop = trainer._StopRequest().install()
+  try:
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    assert stop.requested and exits == []
+    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
+  finally:
+    stop.uninstall()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
 @pytest.mark.usefixtures("shared_dir")
-def test_second_signal_exits_at_once_and_leaves_no_damaged_checkpoint(tmp_path):
+def test_second_signal_exits_at_once_and_leaves_no_damaged_checkpoint(tmp_path, small_files):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
-    th.train_command(workdir, "--config.train.steps=1000", "--config.checkpoint.every_steps=1"),
+    th.train_command(
+      workdir,
+      "--config.train.steps=1000",
+      "--config.checkpoint.every_steps=1",
+      f"--config.data.files={small_files}",
+    ),
     env=th.env_with(),
     cwd=th.REPO,
     stdout=subprocess.DEVNULL,
