@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from jaxpref import calibration
+from jaxpref.evaluation import calibration
 
 BINS = (5, 10, 20)
 

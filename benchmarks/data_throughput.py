@@ -26,10 +26,11 @@ from jaxpref.data import (
   build_train_pipeline,
   load_tokenizer,
   read_preferences,
+  shared,
   tokenize_items,
 )
 
-SHARED = Path(os.environ.get("JAXPREF_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = shared.shared_dir()
 FILES = {  # task -> (file, read options)
   "helpful": ("helpful.json", {}),
   "harmless": ("hh-rlhf/harmless-base-test.jsonl.gz", {"task": "harmless"}),
@@ -97,9 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
   lengths, real, total = collections.Counter(), 0, 0
   t0 = time.perf_counter()
   for batch in it:
-    lengths[batch["input_ids"].shape[-1]] += 1
-    real += int(batch["attention_mask"].sum())
-    total += batch["attention_mask"].size
+    lengths[batch.input_ids.shape[-1]] += 1
+    real += int(batch.attention_mask.sum())
+    total += batch.attention_mask.size
   record(
     "train batches (resample, grain)",
     steps * args.global_batch_size,

@@ -1,9 +1,9 @@
 """MORE's cost: a jitted train step with `loss.kind=more` over the same step with `multitask`.
 
-Both steps are `jaxpref.train_step.train_step` (forward, backward, AdamW update) of the same
-tiny GPT-NeoX reward model on the same batches; they differ only in the objective, so the ratio
-is what MORE adds (per-task head gradients, momentum, the min-norm solve). The two are timed in
-alternating blocks and the median block is reported.
+Both steps are the trainer's own (`jaxpref.training.step.build_from_config`: forward, backward,
+clipped AdamW update) of the same tiny GPT-NeoX reward model on the same batches; they differ
+only in the objective, so the ratio is what MORE adds (per-task head gradients, momentum, the
+min-norm solve). The two are timed in alternating blocks and the median block is reported.
 
 For comparison it also re-creates the paper's host-side procedure (official code, `trainer.py`):
 each step runs the forward pass, copies the pooled embeddings and the head to the host, builds a
@@ -34,9 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpref import losses, objectives, scoring, train_state
+from jaxpref.data.batch import PaddedBatch
+from jaxpref.evaluation import scoring
 from jaxpref.models.config import ModelConfig
-from jaxpref.train_step import train_step
+from jaxpref.objectives import losses
+from jaxpref.objectives import objective as objectives
+from jaxpref.training import step as train_step_lib
+from jaxpref.training.config import base_config
 
 
 def make_batches(rng, count, batch_size, num_tasks, seq_len, vocab_size):
@@ -142,6 +146,18 @@ class PaperHost:
     return weights
 
 
+def build_program(kind: str, model_cfg: ModelConfig, num_tasks: int):
+  """`jaxpref.training.step.build_from_config` for `loss.kind=kind`: constant lr 1e-4, AdamW with
+  weight decay 0.01, the trainer's default clipping; one device."""
+  config = base_config()
+  config.loss.kind = kind
+  config.train.learning_rate, config.train.weight_decay = 1e-4, 0.01
+  config.train.schedule, config.train.warmup_steps = "constant", 0
+  return train_step_lib.build_from_config(
+    config, model_cfg, num_tasks=num_tasks, total_steps=1, mesh=None
+  )
+
+
 def weighted_train_step(state, batch, weights_t, *, model_cfg, optimizer, num_tasks):
   """The train step with task weights given from outside (the paper's second half)."""
 
@@ -218,30 +234,20 @@ def main(argv: list[str] | None = None) -> dict:
     intermediate_size=4 * args.hidden_size,
     rotary_pct=0.25,
   )
-  schedule = optax.constant_schedule(1e-4)
-  optimizer = optax.adamw(schedule, weight_decay=0.01)
   batches = make_batches(
     np.random.default_rng(0), 4, args.batch_size, args.num_tasks, args.seq_len, 512
   )
-  state0 = train_state.init_state(model_cfg, optimizer, args.num_tasks, jax.random.key(0))
+  # The trainer's own step (its builder, AdamW chain and clipping), once per objective.
+  programs = {
+    kind: build_program(kind, model_cfg, args.num_tasks) for kind in ("multitask", "more")
+  }
+  optimizer = programs["multitask"].optimizer
+  state0 = programs["multitask"].init(jax.random.PRNGKey(0))
 
   def fresh_state():
     return jax.tree.map(jnp.copy, state0)
 
-  runners = {}
-  for kind in ("multitask", "more"):
-    step_fn = jax.jit(
-      functools.partial(
-        train_step,
-        model_cfg=model_cfg,
-        loss_cfg=objectives.LossConfig(kind=kind),
-        optimizer=optimizer,
-        schedule=schedule,
-        num_tasks=args.num_tasks,
-      ),
-      donate_argnums=0,
-    )
-    runners[kind] = {"fn": step_fn, "state": fresh_state()}
+  runners = {kind: {"fn": p.step_fn, "state": fresh_state()} for kind, p in programs.items()}
 
   forward = jax.jit(
     lambda params, batch: scoring.score_fn(
@@ -261,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     runner = runners[kind]
     metrics = None
     for k in range(count):
-      runner["state"], metrics = runner["fn"](runner["state"], batches[(offset + k) % len(batches)])
+      batch = PaddedBatch.from_dict(batches[(offset + k) % len(batches)])
+      runner["state"], metrics = runner["fn"](runner["state"], batch)
     jax.block_until_ready((runner["state"], metrics))
 
   def run_paper(count, offset):

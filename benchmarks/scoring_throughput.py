@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
   import torch
   import transformers
 
+  from jaxpref.evaluation.scoring import Scorer
   from jaxpref.models import hf_io
-  from jaxpref.scoring import Scorer
 
   sequences = token_ids(args.pairs, args.max_length)
   with tempfile.TemporaryDirectory() as tmp:

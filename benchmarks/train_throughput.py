@@ -23,6 +23,7 @@ loop 5x slower and jaxpref 1.7x), so single runs under load overstate jaxpref's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED = Path(os.environ.get("JAXPREF_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from jaxpref.data import shared
+
+SHARED = shared.shared_dir()
 TOKENIZER_FILE = SHARED / "data" / "tokenizers" / "gpt2" / "tokenizer.json"
 FILES = {  # task -> (file under data/preferences, read options)
   "helpful": ("helpful.json", {}),
@@ -44,7 +47,7 @@ FILES = {  # task -> (file under data/preferences, read options)
 }
 PAD_ID = 50257  # Outside GPT-2's ids: the tokenizer appends EOS (50256), and HF pools the last
 # token that is not `pad_token_id`, so the pad id must never be a real token.
-LEARNING_RATE, WEIGHT_DECAY = 1e-5, 0.01
+LEARNING_RATE, WEIGHT_DECAY, GRAD_CLIP = 1e-5, 0.01, 1.0
 
 
 def peak_rss_mib() -> float:
@@ -98,7 +101,7 @@ def make_batches(
   )
   arrays = {}
   for i, batch in enumerate(it):
-    for key, value in batch.items():
+    for key, value in dataclasses.asdict(batch).items():
       arrays[f"{i}/{key}"] = value
   np.savez(path, **arrays)
 
@@ -113,63 +116,64 @@ def load_batches(path: Path) -> list[dict[str, np.ndarray]]:
 def run_jax(
   checkpoint: Path, batches, warmup: int, attention: str, max_length: int, packing: bool
 ) -> dict:
-  """Times jaxpref's `train_step` (ranking loss, AdamW) jitted once per batch shape.
+  """Times the trainer's own step (`jaxpref.training.step.build_from_config`: ranking loss, the
+  trainer's AdamW chain with clipping, mesh shardings and donation), jitted once per batch shape.
 
-  With `packing`, each batch is packed on the host inside the timed step (rows of max_length,
-  `jaxpref.data.packing`), as the trainer does with `data.packing=True`.
+  Batches reach the device through the trainer's own path (`jaxpref.training.data.global_batch`).
+  With `packing`, each batch is packed on the host inside the timed step (`jaxpref.data.packing`,
+  the same rows the pipeline makes with `data.packing=True`); the trainer packs in the pipeline's
+  prefetch threads instead, so this overstates its cost.
   """
-  import functools
-
   import jax
-  import optax
 
-  from jaxpref import flops, objectives, train_state
+  from jaxpref import sharding
   from jaxpref.data import packing as packing_lib
+  from jaxpref.data.batch import PaddedBatch
   from jaxpref.models import hf_io
-  from jaxpref.train_step import train_step
+  from jaxpref.training import data as train_data
+  from jaxpref.training import flops
+  from jaxpref.training import step as train_step_lib
 
   cfg, params = hf_io.load_hf(checkpoint)
   cfg = cfg.replace(attention=attention)
-  params = jax.device_put(params)
-  optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-  state = train_state.init_state(cfg, optimizer, 2, jax.random.key(0), params=params)
-  step = jax.jit(
-    functools.partial(
-      train_step,
-      model_cfg=cfg,
-      loss_cfg=objectives.LossConfig(kind="ranking"),
-      optimizer=optimizer,
-      schedule=optax.constant_schedule(LEARNING_RATE),
-      num_tasks=2,
-    ),
-    donate_argnums=0,
+  config = trainer_config(max_length, packing)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  program = train_step_lib.build_from_config(
+    config, cfg, num_tasks=2, total_steps=len(batches), mesh=mesh
   )
+  state = program.init(jax.random.PRNGKey(0), params)
+  step = program.step_fn
+
+  row_multiple = sharding.global_batch_size_multiple(mesh)
 
   def prepare(batch):
+    batch = PaddedBatch.from_dict(batch)
     if packing:
-      batch = packing_lib.pack_batch(batch, row_length=max_length)
-    return jax.device_put(batch)
+      batch = packing_lib.pack_batch(batch, row_length=max_length, row_multiple=row_multiple)
+    return train_data.global_batch(batch, mesh)
 
-  key = "packed_input_ids" if packing else "input_ids"
-  if not packing:
-    batches = [prepare(b) for b in batches]  # Padded batches go to the device untimed.
+  shape_of = lambda b: b.input_ids.shape
+  feed = prepare
+  if not packing:  # Padded batches go to the device untimed.
+    on_device = {id(b): prepare(b) for b in batches}
+    feed = lambda b: on_device[id(b)]
   # Compile every shape the timed batches use, on a copy of the state (so that the updates
   # both sides make before timing are the same `warmup` steps), then warm up.
   t0 = time.perf_counter()
   seen = set()
   for batch in batches:
-    batch = prepare(batch)
-    if batch[key].shape not in seen:
-      seen.add(batch[key].shape)
+    batch = feed(batch)
+    if shape_of(batch) not in seen:
+      seen.add(shape_of(batch))
       jax.block_until_ready(step(jax.tree.map(jax.numpy.copy, state), batch))
   compile_s = time.perf_counter() - t0
   for batch in batches[:warmup]:
-    state, metrics = step(state, prepare(batch))
+    state, metrics = step(state, feed(batch))
   jax.block_until_ready(metrics["loss"])
   times, losses, positions = [], [], 0
   for batch in batches:
     t0 = time.perf_counter()
-    state, metrics = step(state, prepare(batch))
+    state, metrics = step(state, feed(batch))
     losses.append(float(metrics["loss"]))  # Syncs, as a logging loop would.
     times.append(time.perf_counter() - t0)
     positions += int(metrics["positions"])
@@ -180,11 +184,27 @@ def run_jax(
     "compile_s": compile_s,
     "shapes": sorted(seen),
     "positions": positions,
-    # Model FLOPs of the timed steps (`jaxpref.flops`: real tokens only, causal attention).
+    # Model FLOPs of the timed steps (`jaxpref.training.flops`: real tokens only, causal attention).
     "model_flops": flops.train_flops(cfg, lengths),
     "device_kind": jax.devices()[0].device_kind,
     "peak_flops": flops.peak_flops(jax.devices()[0].device_kind),
   }
+
+
+def trainer_config(max_length: int, packing: bool):
+  """The training config both sides follow: constant lr, AdamW, global-norm clipping at 1."""
+  from jaxpref.training.config import base_config
+
+  config = base_config()
+  config.loss.kind = "ranking"
+  config.train.learning_rate = LEARNING_RATE
+  config.train.weight_decay = WEIGHT_DECAY
+  config.train.schedule = "constant"
+  config.train.warmup_steps = 0
+  config.train.grad_clip = GRAD_CLIP
+  config.data.max_length = max_length
+  config.data.packing = packing
+  return config
 
 
 def run_torch(checkpoint: Path, batches, warmup: int) -> dict:
@@ -198,8 +218,14 @@ def run_torch(checkpoint: Path, batches, warmup: int) -> dict:
   )
   model.train()
   model.config.pad_token_id = PAD_ID
-  # transformers' AdamW defaults match optax's (b1 0.9, b2 0.999, eps 1e-8); decay on all weights.
-  optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+  # The trainer's optimizer: AdamW (torch's defaults match optax's b1 0.9, b2 0.999, eps 1e-8)
+  # with no weight decay on biases and norm scales (1-d parameters), after global-norm clipping.
+  matrices = [p for p in model.parameters() if p.ndim > 1]
+  vectors = [p for p in model.parameters() if p.ndim <= 1]
+  optimizer = torch.optim.AdamW(
+    [{"params": matrices, "weight_decay": WEIGHT_DECAY}, {"params": vectors, "weight_decay": 0.0}],
+    lr=LEARNING_RATE,
+  )
 
   def to_torch(batch):
     b, n, _ = batch["input_ids"].shape
@@ -224,6 +250,7 @@ def run_torch(checkpoint: Path, batches, warmup: int) -> dict:
     loss = -(F.logsigmoid(diff_b) * valid_b).sum() / valid_b.sum().clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
     optimizer.step()
     return float(loss)
 

@@ -2,11 +2,11 @@
 
   python -m jaxpref.train --config=configs/paper_llama_2_13b_multitask.py --workdir=DIR \
       --config.model.path=/local/llama-2-13b --config.data.files=a.jsonl,b.jsonl,...
-See `jaxpref.paper_configs` for the settings;
+See `jaxpref.training.paper` for the settings;
 `--config=configs/paper_llama_2_13b_multitask.py:tiny` runs a tiny CPU variant.
 """
 
-from jaxpref.paper_configs import paper_config
+from jaxpref.training.paper import paper_config
 
 
 def get_config(variant=""):

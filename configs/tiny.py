@@ -5,13 +5,10 @@ Three tasks, a few minutes on 2 CPU cores:
   python -m jaxpref.train --config=configs/tiny.py --config.loss.kind=more --workdir=...
 """
 
-import os
-from pathlib import Path
+from jaxpref.data import shared
+from jaxpref.training.config import base_config
 
-from jaxpref.train_config import base_config
-
-SHARED = Path(os.environ.get("JAXPREF_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-PREFERENCES = SHARED / "data" / "preferences"
+PREFERENCES = shared.preferences_dir()
 
 
 def get_config():
@@ -27,7 +24,7 @@ def get_config():
   c.data.files = ",".join(
     str(PREFERENCES / f) for f in ("helpful.json", "harmless.json", "webgpt.json")
   )
-  c.data.tokenizer = str(SHARED / "data" / "tokenizers" / "gpt2" / "tokenizer.json")
+  c.data.tokenizer = str(shared.gpt2_tokenizer_file())
   c.data.on_tie = "skip"  # webgpt.json has 245 tied pairs: no preference, counted and skipped.
   c.data.max_length = 128
   c.data.eval_fraction = 0.1

@@ -1,9 +1,10 @@
 """`python -m jaxpref.aot --config=configs/X.py --topology=v4-8`: a memory plan before renting TPUs.
 
-Compiles the same jitted train step as `jaxpref.trainer` (same optimizer, state shardings, batch
-sharding and donation) ahead of time for a TPU topology, on this CPU-only machine, from abstract
-shapes only (`jax.eval_shape`: no weights are read or created), and reports per device the bytes of
-the parameters, the optimizer state and XLA's memory analysis (temp / argument / output bytes).
+Compiles the same jitted train step as `jaxpref.training.trainer` (same optimizer, state
+shardings, batch sharding and donation) ahead of time for a TPU topology, on this CPU-only machine,
+from abstract shapes only (`jax.eval_shape`: no weights are read or created), and reports per
+device the bytes of the parameters, the optimizer state and XLA's memory analysis (temp /
+argument / output bytes).
 
 Compiling for a TPU topology needs `libtpu` importable. Without it the tool says so in one line and
 compiles for the local devices instead (with `--num_cpu_devices=N`, N forced host CPU devices), on
@@ -13,7 +14,6 @@ Shapes come from `model.preset` when set (no checkpoint needed), else from the `
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import math
@@ -115,30 +115,25 @@ def plan(config, devices, target: str) -> Plan:
   import jax
   import jax.numpy as jnp
 
-  from jaxpref import objectives, sharding, train_state
-  from jaxpref.model_source import model_config_from_config
-  from jaxpref.train_step import train_step
+  from jaxpref import sharding
+  from jaxpref.data.batch import PaddedBatch
+  from jaxpref.models.source import model_config_from_config
+  from jaxpref.training import step as train_step_lib
 
   model_cfg = model_config_from_config(config.model)
-  num_tasks = num_tasks_of(config)
-  loss_cfg = objectives.LossConfig(
-    kind=config.loss.kind,
-    more_alpha=config.loss.more_alpha,
-    more_normalize=config.loss.more_normalize,
-    margin=config.loss.margin,
-    center_rewards_coef=config.loss.center_rewards_coef,
-  )
   mesh = sharding.make_mesh(
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=list(devices)
   )
-  # The schedule's length changes no shape; any positive step count compiles the same program.
-  optimizer, schedule = train_state.make_optimizer(config.train, max(1, config.train.steps))
-  init_fn = functools.partial(train_state.init_state, model_cfg, optimizer, num_tasks)
-  abstract_state = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
-  state_shardings = train_state.state_shardings(model_cfg, abstract_state, mesh)
-  abstract_state_sharded = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_shardings
+  # The trainer's own step (same builder). The schedule's length changes no shape; any positive
+  # step count compiles the same program.
+  program = train_step_lib.build_from_config(
+    config,
+    model_cfg,
+    num_tasks=num_tasks_of(config),
+    total_steps=max(1, config.train.steps),
+    mesh=mesh,
   )
+  abstract_state, state_shardings = program.abstract_state, program.state_shardings
 
   b, length = config.train.batch_size, config.data.max_length
   shapes = {
@@ -147,26 +142,14 @@ def plan(config, devices, target: str) -> Plan:
     "scores": ((b, 2), jnp.float32),
     "task_ids": ((b,), jnp.int32),
   }
-  abstract_batch = {
-    name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape))
-    for name, (shape, dtype) in shapes.items()
-  }
-
-  step_fn = jax.jit(
-    functools.partial(
-      train_step,
-      model_cfg=model_cfg,
-      loss_cfg=loss_cfg,
-      optimizer=optimizer,
-      schedule=schedule,
-      num_tasks=num_tasks,
-      grad_accum_steps=config.train.grad_accum_steps,
-    ),
-    in_shardings=(state_shardings, None),
-    out_shardings=(state_shardings, None),
-    donate_argnums=0,
+  abstract_batch = PaddedBatch(
+    **{
+      name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape))
+      for name, (shape, dtype) in shapes.items()
+    }
   )
-  compiled = step_fn.lower(abstract_state_sharded, abstract_batch).compile()
+  step_fn = program.step_fn
+  compiled = step_fn.lower(program.abstract_sharded_state(), abstract_batch).compile()
   memory = compiled.memory_analysis()
   get = lambda name: None if memory is None else int(getattr(memory, name, 0) or 0)
 

@@ -76,13 +76,14 @@ def initialize_distributed() -> None:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
   """Errors caused by the user's input; printed as one line rather than a traceback."""
-  from jaxpref import checkpointing, sharding
+  from jaxpref import sharding
   from jaxpref.data import errors as data_errors
   from jaxpref.training import lock, resume
+  from jaxpref.training import workdir as workdir_lib
 
   types = [
     data_errors.DataError,
-    checkpointing.CheckpointNotFoundError,
+    workdir_lib.CheckpointNotFoundError,
     sharding.MeshError,
     lock.WorkdirBusyError,
     resume.ResumeConfigError,
@@ -99,7 +100,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 class _NoLibraryTracebacks(logging_std.Filter):
   """Keeps the line, drops the traceback, of errors that Orbax logs from its save threads: the
-  program reports the failure itself, in one line naming the step (see `checkpointing.save`)."""
+  program reports the failure itself, in one line naming the step (see `jaxpref.training.workdir.save`)."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
     if record.exc_info and "/orbax/" in (record.pathname or ""):

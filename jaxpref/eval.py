@@ -109,8 +109,9 @@ def evaluate_files(
   temperature: float = 1.0,
 ) -> dict[str, dict[str, Any]]:
   """Scores each file, writes report.json / report.md / reliability PNGs, returns the reports."""
-  from jaxpref import evaluation, plots
   from jaxpref.data import reader
+  from jaxpref.evaluation import evaluator as evaluation
+  from jaxpref.evaluation import plots
 
   output = Path(output)
   output.mkdir(parents=True, exist_ok=True)
@@ -155,8 +156,9 @@ def fit_and_store_temperature(
   cfg, params, tokenizer, data_files, store_dir: Path, *, fraction: float, **kwargs
 ) -> dict[str, Any]:
   """Fits T on a prompt-hash split of all files; reports ECE before/after on the rest."""
-  from jaxpref import evaluation, temperature
   from jaxpref.data import reader, splits
+  from jaxpref.evaluation import evaluator as evaluation
+  from jaxpref.evaluation import temperature
 
   fit_items, test_items = [], []
   for path in data_files:
@@ -208,7 +210,7 @@ def main(argv) -> None:
   if not FLAGS.output:
     raise app.UsageError("--output is required")
   from jaxpref.data.tokenize import load_tokenizer
-  from jaxpref.model_source import load_for_inference
+  from jaxpref.models.source import load_for_inference
 
   cfg, params, tokenizer_path, step = load_for_inference(
     model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step

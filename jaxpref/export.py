@@ -30,8 +30,8 @@ def define_flags() -> None:
 
 def export(workdir: str | Path, output: str | Path, step: int | None = None) -> int:
   """Exports a checkpoint of `workdir` to `output`; returns the exported step."""
-  from jaxpref.model_source import load_for_inference
   from jaxpref.models import hf_io
+  from jaxpref.models.source import load_for_inference
 
   cfg, params, tokenizer_path, step = load_for_inference(workdir=str(workdir), step=step)
   params = jax.tree.map(np.asarray, jax.device_get(params))

@@ -174,8 +174,8 @@ def main(argv) -> None:
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
   from jaxpref.data.tokenize import load_tokenizer
-  from jaxpref.model_source import load_for_inference
-  from jaxpref.scoring import Scorer
+  from jaxpref.evaluation.scoring import Scorer
+  from jaxpref.models.source import load_for_inference
 
   cfg, params, tokenizer_path, step = load_for_inference(
     model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step

@@ -1,7 +1,7 @@
 """`python -m jaxpref.train --config=configs/<name>.py --workdir=DIR [--config.a.b=value ...]`.
 
 Parses flags, starts the multi-process runtime if needed, and calls
-`jaxpref.trainer.train_and_evaluate`, which notebooks can call directly too.
+`jaxpref.training.trainer.train_and_evaluate`, which notebooks can call directly too.
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.initialize_distributed()
   cli.quiet_library_tracebacks()
-  from jaxpref import checkpointing, trainer
+  from jaxpref.training import trainer
+  from jaxpref.training import workdir as workdir_lib
 
   config = FLAGS.config
   if FLAGS.on_error:
     config.data.on_error = FLAGS.on_error
   try:
     result = trainer.train_and_evaluate(config, FLAGS.workdir)
-  except (trainer.TrainingError, checkpointing.CheckpointSaveError) as e:
+  except (trainer.TrainingError, workdir_lib.CheckpointSaveError) as e:
     print(f"jaxpref.train: error: {e}", file=sys.stderr)
     sys.exit(1)
   logging.info("Finished at step %d", result["step"])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from jaxpref.data import shared
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("JAXPREF_SHARED", REPO_ROOT.parent / "shared"))
+SHARED_DIR = shared.shared_dir()
 
 
 @pytest.fixture(scope="session")

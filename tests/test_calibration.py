@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpref import calibration
+from jaxpref.evaluation import calibration
 
 BIN_COUNTS = (5, 10, 20)
 

@@ -3,12 +3,12 @@
 import importlib.util
 from pathlib import Path
 
-import jax
 import ml_collections
 import pytest
 
-from jaxpref import model_source, objectives, train_state
 from jaxpref.models import reward_model
+from jaxpref.models import source as model_source
+from jaxpref.training import step as train_step_lib
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Training configs (configs/experiments/ holds sweep configs, tested in test_experiments.py).
@@ -37,16 +37,12 @@ def test_config_builds_abstract_state(path):
   config = load_config(path)
   # Paper configs point at checkpoints the user fills in; their preset gives the shapes.
   model_cfg = model_source.model_config_from_config(config.model)
-  objectives.LossConfig(
-    kind=config.loss.kind,
-    more_alpha=config.loss.more_alpha,
-    more_normalize=config.loss.more_normalize,
-  )
-  optimizer, _ = train_state.make_optimizer(config.train, total_steps=100)
   num_tasks = max(1, len([f for f in config.data.files.split(",") if f]))
-  abstract = jax.eval_shape(
-    lambda rng: train_state.init_state(model_cfg, optimizer, num_tasks, rng), jax.random.PRNGKey(0)
+  # The trainer's step builder: objective, optimizer chain and state shapes of this config.
+  program = train_step_lib.build_from_config(
+    config, model_cfg, num_tasks=num_tasks, total_steps=100, mesh=None
   )
+  abstract = program.abstract_state
   n_params = reward_model.count_params(abstract.params)
   assert n_params > 0
   if config.model.preset:

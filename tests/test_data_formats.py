@@ -16,7 +16,7 @@ from jaxpref.data import (
   read_many,
   read_preferences,
 )
-from jaxpref.data.testing import TOY_CHAT_TEMPLATE, word_tokenizer, write_records
+from jaxpref.testing import TOY_CHAT_TEMPLATE, word_tokenizer, write_records
 
 H, A = "\n\nHuman: ", "\n\nAssistant: "
 

@@ -6,6 +6,7 @@ import collections
 import json
 
 import grain
+import jax
 import numpy as np
 import pytest
 
@@ -19,7 +20,7 @@ from jaxpref.data import (
   length_buckets,
   read_preferences,
 )
-from jaxpref.data.testing import word_tokenizer
+from jaxpref.testing import word_tokenizer
 
 SIZES = {"a": 5, "b": 7, "c": 12}
 
@@ -52,7 +53,9 @@ def tokenizer(tasks):
 
 def _ids(batch, tokenizer):
   """(task name, item index) of every row, read back from the row's first token."""
-  first = batch["input_ids"][:, 0, 0]  # Right padding: position 0 is the first token.
+  # A train batch (PaddedBatch) or an eval batch (dict).
+  ids = batch["input_ids"] if isinstance(batch, dict) else batch.input_ids
+  first = ids[:, 0, 0]  # Right padding: position 0 is the first token.
   words = tokenizer.convert_ids_to_tokens(first.tolist())
   return [(w[0], int(w[1:])) if w[0] in SIZES else None for w in words]
 
@@ -62,7 +65,9 @@ def _take(iterator, n):
 
 
 def _equal(a, b):
-  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  return type(a) is type(b) and all(
+    np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
 
 
 def test_resample_batches_hold_equal_task_counts_and_cover_every_item(tasks, tokenizer):
@@ -74,7 +79,7 @@ def test_resample_batches_hold_equal_task_counts_and_cover_every_item(tasks, tok
   for step, batch in enumerate(it):
     ids = _ids(batch, tokenizer)
     # Every batch: exactly 2 items of every task, and task_ids agree with the items.
-    assert batch["task_ids"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert batch.task_ids.tolist() == [0, 0, 1, 1, 2, 2]
     assert [name for name, _ in ids] == ["a", "a", "b", "b", "c", "c"]
     for name, i in ids:
       seen[step // 6][name, i] += 1
@@ -115,7 +120,7 @@ def test_proportional_mixing_sees_each_item_once_per_epoch(tasks, tokenizer):
   assert sorted(rows) == sorted((n, i) for n, k in SIZES.items() for i in range(k))
   names = {"a": 0, "b": 1, "c": 2}
   batch = it.dataset[0]
-  assert batch["task_ids"].tolist() == [names[n] for n, _ in _ids(batch, tokenizer)]
+  assert batch.task_ids.tolist() == [names[n] for n, _ in _ids(batch, tokenizer)]
 
 
 def test_batches_are_padded_to_the_bucket_of_their_longest_row(tasks, tokenizer):
@@ -123,9 +128,9 @@ def test_batches_are_padded_to_the_bucket_of_their_longest_row(tasks, tokenizer)
     tasks, tokenizer, global_batch_size=6, max_length=48, buckets=(8, 16, 32, 48), num_steps=6
   )
   for batch in it:
-    longest = int(batch["attention_mask"].sum(-1).max())
-    assert batch["input_ids"].shape[-1] == bucket_length(longest, (8, 16, 32, 48))
-    assert batch["scores"].dtype == np.float32 and batch["task_ids"].dtype == np.int32
+    longest = int(batch.attention_mask.sum(-1).max())
+    assert batch.input_ids.shape[-1] == bucket_length(longest, (8, 16, 32, 48))
+    assert batch.scores.dtype == np.float32 and batch.task_ids.dtype == np.int32
 
 
 def test_resume_from_saved_state_gives_the_same_batches(tasks, tokenizer):
@@ -174,11 +179,9 @@ def test_process_slices_partition_the_global_batch_with_one_length(tasks, tokeni
   for step, batch in enumerate(whole):
     slices = [parts[p][step] for p in range(2)]
     for s in slices:
-      assert s["input_ids"].shape == (6, 2, batch["input_ids"].shape[-1])  # Same bucket.
-      assert s["task_ids"].tolist() == [0, 0, 1, 1, 2, 2]  # Equal per-task counts per process.
-    local = [
-      bucket_length(int(s["attention_mask"].sum(-1).max()), kwargs["buckets"]) for s in slices
-    ]
+      assert s.input_ids.shape == (6, 2, batch.input_ids.shape[-1])  # Same bucket.
+      assert s.task_ids.tolist() == [0, 0, 1, 1, 2, 2]  # Equal per-task counts per process.
+    local = [bucket_length(int(s.attention_mask.sum(-1).max()), kwargs["buckets"]) for s in slices]
     lengths_differ |= local[0] != local[1]
     union = sorted(_ids(slices[0], tokenizer) + _ids(slices[1], tokenizer))
     assert union == sorted(_ids(batch, tokenizer))
@@ -203,9 +206,9 @@ def test_items_with_fewer_responses_are_padded_on_the_response_axis(tasks, token
   batch = next(
     build_train_pipeline(mixed, tok, global_batch_size=4, num_steps=1, responses_per_item=3)
   )
-  assert batch["scores"].shape == (4, 3)
-  np.testing.assert_array_equal(batch["scores"][:2, 2], [-1, -1])
-  assert not batch["attention_mask"][:2, 2].any() and batch["attention_mask"][2:, 2].any()
+  assert batch.scores.shape == (4, 3)
+  np.testing.assert_array_equal(batch.scores[:2, 2], [-1, -1])
+  assert not batch.attention_mask[:2, 2].any() and batch.attention_mask[2:, 2].any()
 
 
 def test_eval_batches_cover_items_once_in_order_with_dummy_rows(tasks, tokenizer):
@@ -260,8 +263,8 @@ def test_real_files_multi_task_epoch(preferences_dir, gpt2_tokenizer_file):
   assert it.num_steps == 15
   scores = collections.defaultdict(list)
   for batch in it:
-    assert batch["task_ids"].tolist() == [0] * 4 + [1] * 4
-    for t, s in zip(batch["task_ids"], batch["scores"]):
+    assert batch.task_ids.tolist() == [0] * 4 + [1] * 4
+    for t, s in zip(batch.task_ids, batch.scores):
       scores[int(t)].append(tuple(s.tolist()))
   assert collections.Counter(scores[0]) == {(1.0, 0.0): 60}
   expected = collections.Counter(it.scores for it in webgpt[:40])
@@ -302,3 +305,43 @@ def test_state_of_process_0_resumes_every_process_at_the_train_step(tasks, token
   # Another process layout of the same run: the same fingerprint (a step's items do not change).
   single = build_train_pipeline(tasks, tokenizer, **kwargs)
   single.set_state(state, step=2)
+
+
+def test_packed_pipeline_agrees_on_rows_across_processes(tasks, tokenizer):
+  """Each process packs its own items into the same number of rows, computed without any
+  collective, and its last-token indices point into its block of the global rows."""
+  kwargs = dict(global_batch_size=12, max_length=64, num_steps=4, seed=3)
+  padded = [
+    list(build_train_pipeline(tasks, tokenizer, process_index=p, process_count=2, **kwargs))
+    for p in range(2)
+  ]
+  packed = [
+    list(
+      build_train_pipeline(
+        tasks,
+        tokenizer,
+        process_index=p,
+        process_count=2,
+        packing_row_length=64,
+        packing_row_multiple=2,
+        **kwargs,
+      )
+    )
+    for p in range(2)
+  ]
+  for step in range(kwargs["num_steps"]):
+    rows = {packed[p][step].input_ids.shape[0] for p in range(2)}
+    assert len(rows) == 1 and rows.pop() % 2 == 0
+    num_rows = packed[0][step].input_ids.shape[0]
+    global_ids = np.concatenate([packed[p][step].input_ids for p in range(2)]).ravel()
+    for p in range(2):
+      want, got = padded[p][step], packed[p][step]
+      np.testing.assert_array_equal(got.lengths, want.attention_mask.sum(-1))
+      np.testing.assert_array_equal(got.scores, want.scores)
+      last = got.last_index.reshape(got.lengths.shape)
+      real = got.lengths > 0
+      assert ((last[real] // 64) // num_rows == p).all()  # In this process's block of rows.
+      # The last token of every response is where its index says, in the global array.
+      ids_bnl, mask_bnl = want.input_ids, want.attention_mask
+      for b, n in zip(*np.nonzero(real)):
+        assert global_ids[last[b, n]] == ids_bnl[b, n][mask_bnl[b, n] > 0][-1]

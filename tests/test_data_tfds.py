@@ -8,7 +8,7 @@ import json
 import pytest
 
 from jaxpref.data import DataError, read_preferences
-from jaxpref.data.testing import write_records
+from jaxpref.testing import write_records
 
 tfds_builder = pytest.importorskip("jaxpref.data.tfds_builder")
 

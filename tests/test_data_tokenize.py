@@ -17,7 +17,7 @@ from jaxpref.data import (
   read_preferences,
   tokenize_items,
 )
-from jaxpref.data.testing import EOS, word_tokenizer
+from jaxpref.testing import EOS, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)]
 

@@ -25,7 +25,7 @@ def _paper_ece(probs, labels, n_bins):
 def test_eval_cli_matches_transformers(tmp_path, gpt2_tokenizer_file, preferences_dir):
   from jaxpref.data import reader
   from jaxpref.data.tokenize import load_tokenizer
-  from jaxpref.evaluation import tokenized_eval_batches
+  from jaxpref.evaluation.evaluator import tokenized_eval_batches
 
   torch.manual_seed(0)
   # pad_token_id differs from EOS (50256): see the comment below.

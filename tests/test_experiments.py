@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from jaxpref import train_config
 from jaxpref.data import reader, splits
 from jaxpref.data.records import group_by_task
 from jaxpref.experiments import report, scaling, sweep_config
+from jaxpref.training import config as train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "experiments"

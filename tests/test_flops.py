@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxpref import flops
 from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
+from jaxpref.training import flops
 
 # One layer: XLA's cost analysis counts the body of the layer scan (a while loop) once.
 SIZE = dict(

@@ -1,4 +1,4 @@
-"""Tests for jaxpref.losses: pair terms, ranking loss, and min-norm (MGDA) weights.
+"""Tests for jaxpref.objectives.losses: pair terms, ranking loss, and min-norm (MGDA) weights.
 
 References are independent: Python loops over pairs for the loss, and scipy's SLSQP for the
 min-norm problem.
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpref import losses
+from jaxpref.objectives import losses
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 

@@ -1,4 +1,4 @@
-"""Tests for jaxpref.objectives: ranking, MultiTask and MORE.
+"""Tests for jaxpref.objectives.objective: ranking, MultiTask and MORE.
 
 MORE is checked against `jax.grad` of each task's loss, against the two-task closed form, and
 against a step-by-step re-creation of the paper's host-side procedure in PyTorch (a CPU copy of
@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpref import losses, objectives
-from jaxpref.objectives import LossConfig
+from jaxpref.objectives import losses
+from jaxpref.objectives import objective as objectives
+from jaxpref.objectives.objective import LossConfig
 
 NUM_TASKS = 3
 DIM = 8
@@ -546,7 +547,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jaxpref import objectives
+    from jaxpref.objectives import objective as objectives
     rng = np.random.default_rng(0)
     B, N, D, T = 8, 2, 8, 3
     pooled = rng.normal(size=(B, N, D)).astype(np.float32)

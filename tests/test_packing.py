@@ -10,11 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpref import objectives, scoring, train_state
 from jaxpref.data import packing
+from jaxpref.data.batch import PaddedBatch
+from jaxpref.evaluation import scoring
 from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
-from jaxpref.train_step import train_step
+from jaxpref.objectives import objective as objectives
+from jaxpref.training import step as train_step_lib
 
 TINY = dict(
   vocab_size=97,
@@ -52,8 +54,8 @@ def _batch(left: bool = False, length: int = 16, seed: int = 0) -> dict[str, np.
 def test_pack_batch_keeps_every_sequence(left):
   batch = _batch(left=left)
   packed = packing.pack_batch(batch, row_length=20, row_multiple=2)
-  ids_rl, seg_rl = packed["packed_input_ids"], packed["packed_segment_ids"]
-  pos_rl, last_s = packed["packed_positions"], packed["packed_last_index"]
+  ids_rl, seg_rl = packed.input_ids, packed.segment_ids
+  pos_rl, last_s = packed.positions, packed.last_index
   total = sum(sum(row) for row in LENGTHS_BN)
   assert ids_rl.shape[0] % 2 == 0 and ids_rl.shape[1] == 20
   assert ids_rl.shape[0] * 20 >= total and (seg_rl > 0).sum() == total
@@ -96,9 +98,11 @@ def test_packed_rewards_equal_padded(model, attention):
   cfg, params = model
   cfg = cfg.replace(attention=attention, attention_block=8)
   batch = _batch(left=True)
-  want_bn, want_pooled = scoring.score_batch(cfg, params, jax.tree.map(jnp.asarray, batch))
+  padded = PaddedBatch.from_dict(jax.tree.map(jnp.asarray, batch))
+  want_bn, want_pooled = scoring.score_batch(cfg, params, padded)
   packed = packing.pack_batch(batch, row_length=24)
-  assert packed["packed_input_ids"].size < batch["input_ids"].size
+  assert packed.input_ids.size < batch["input_ids"].size
+  np.testing.assert_array_equal(packed.lengths, batch["attention_mask"].sum(-1))
   got_bn, got_pooled = jax.jit(functools.partial(scoring.score_batch, cfg))(params, packed)
   real_bn = np.asarray(batch["attention_mask"]).sum(-1) > 0
   np.testing.assert_allclose(
@@ -112,21 +116,18 @@ def test_packed_train_step_equals_padded(model):
   # SGD: AdamW would turn the final norm bias's gradient, exactly 0 padded (chosen and rejected
   # cancel) and ~1e-9 packed (rounding), into full-size steps of opposite sign.
   optimizer = optax.sgd(1.0)
-  step = jax.jit(
-    functools.partial(
-      train_step,
-      model_cfg=cfg,
-      loss_cfg=objectives.LossConfig(kind="more"),
-      optimizer=optimizer,
-      schedule=optax.constant_schedule(1e-3),
-      num_tasks=2,
-    )
+  program = train_step_lib.build_train_step(
+    cfg,
+    loss_cfg=objectives.LossConfig(kind="more"),
+    optimizer=optimizer,
+    schedule=optax.constant_schedule(1e-3),
+    num_tasks=2,
   )
   batch = _batch()
   results = []
-  for b in (batch, packing.pack_batch(batch, row_length=32)):
-    state = train_state.init_state(cfg, optimizer, 2, jax.random.key(0), params=params)
-    state, metrics = step(state, jax.tree.map(jnp.asarray, b))
+  for b in (PaddedBatch.from_dict(batch), packing.pack_batch(batch, row_length=32)):
+    state = program.init(jax.random.key(0), params)
+    state, metrics = program.step_fn(state, jax.tree.map(jnp.asarray, b))
     results.append((state, metrics))
   (padded_state, padded), (packed_state, packed) = results
   for key in ("loss", "grad_norm", "tokens"):

@@ -6,7 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from jaxpref import calibration, plots
+from jaxpref.evaluation import calibration, plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import train_helpers as th
 
-from jaxpref import checkpointing
 from jaxpref.training import lock, resume
+from jaxpref.training import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,10 +66,10 @@ def _config(files: str, **changes):
 # Damaged checkpoints: one line, the newest intact one instead.
 # ----------------------------------------------------------------------------------------------
 def _tiny_checkpoints(workdir: Path, steps=(1, 2)):
-  manager = checkpointing.make_manager(workdir, every_steps=1, keep=0, async_save=False)
+  manager = workdir_lib.make_manager(workdir, keep=0, async_save=False)
   for step in steps:
     state = {"params": {"w": jnp.full((64, 8), float(step))}}
-    checkpointing.save(manager, step, state, {"next_index": step}, force=True)
+    workdir_lib.save(manager, step, state, {"next_index": step}, force=True)
   manager.wait_until_finished()
   manager.close()
   return jax.eval_shape(lambda: {"params": {"w": jnp.zeros((64, 8))}})
@@ -92,21 +92,21 @@ def test_damaged_latest_checkpoint_falls_back_to_newest_intact(tmp_path, how, ca
   _damage(tmp_path / "checkpoints" / "2", how)
 
   # eval / export: the newest intact step, one warning line; a damaged --step is a clear error.
-  step, params = checkpointing.restore_params(tmp_path, None, abstract["params"])
+  step, params = workdir_lib.restore_params(tmp_path, None, abstract["params"])
   assert step == 1 and float(np.asarray(params["w"]).max()) == 1.0
   err = capfd.readouterr().err
   lines = [line for line in err.splitlines() if "damaged" in line]
   assert len(lines) == 1 and "step 2" in lines[0], err
-  with pytest.raises(checkpointing.CheckpointDamagedError, match="step 2 .* is damaged"):
-    checkpointing.restore_params(tmp_path, 2, abstract["params"])
+  with pytest.raises(workdir_lib.CheckpointDamagedError, match="step 2 .* is damaged"):
+    workdir_lib.restore_params(tmp_path, 2, abstract["params"])
 
   # The trainer: restores step 1 and moves step 2 aside, so that it can save step 2 again.
-  manager = checkpointing.make_manager(tmp_path, every_steps=1, keep=0, async_save=False)
-  step, state, data_state = checkpointing.restore_intact(manager, tmp_path, abstract)
+  manager = workdir_lib.make_manager(tmp_path, keep=0, async_save=False)
+  step, state, data_state = workdir_lib.restore_intact(manager, tmp_path, abstract)
   assert step == 1 and data_state == {"next_index": 1}
   assert sorted(manager.all_steps()) == [1]
   assert (tmp_path / "damaged_checkpoints" / "2").is_dir()
-  checkpointing.save(manager, 2, state, {"next_index": 2}, force=True)
+  workdir_lib.save(manager, 2, state, {"next_index": 2}, force=True)
   manager.close()
 
 
@@ -178,8 +178,8 @@ def test_config_changes_on_resume(tmp_path):
   (tmp_path / "config.4.json").write_text(json.dumps(saved))
   assert "loss.margin" in resume.check_resume(tmp_path, 6, th.tiny_config(train__steps=8))
 
-  from jaxpref.model_source import model_config_from_config
   from jaxpref.models import reward_model
+  from jaxpref.models.source import model_config_from_config
 
   small = reward_model.abstract_params(model_config_from_config(config.model))
   big = reward_model.abstract_params(
@@ -211,17 +211,17 @@ def _steps_on_disk(workdir: Path) -> list[int]:
 def _restored_params(workdir: Path, step=None):
   from jaxpref.models import reward_model
 
-  cfg = checkpointing.read_model_config(workdir)
-  return checkpointing.restore_params(workdir, step, reward_model.abstract_params(cfg))
+  cfg = workdir_lib.read_model_config(workdir)
+  return workdir_lib.restore_params(workdir, step, reward_model.abstract_params(cfg))
 
 
 @pytest.mark.usefixtures("shared_dir")
 def test_signal_inside_an_async_save_stops_cleanly_and_resumes(tmp_path, monkeypatch, small_files):
   """SIGINT, then (resumed) SIGTERM, each arriving while the checkpoint of its step is being
   written: the loop must not save that step again (StepAlreadyExistsError) nor go on."""
-  from jaxpref import trainer
+  from jaxpref.training import trainer
 
-  original = checkpointing.save
+  original = workdir_lib.save
   signal_at = {}
 
   def save_then_signal(manager, step, *args, **kwargs):
@@ -230,7 +230,7 @@ def test_signal_inside_an_async_save_stops_cleanly_and_resumes(tmp_path, monkeyp
       os.kill(os.getpid(), signal_at.pop(step))
     return saved
 
-  monkeypatch.setattr(checkpointing, "save", save_then_signal)
+  monkeypatch.setattr(workdir_lib, "save", save_then_signal)
   workdir = tmp_path / "run"
   signal_at[2] = signal.SIGINT
   result = trainer.train_and_evaluate(_config(small_files, train__steps=6), workdir)
@@ -265,11 +265,11 @@ def _small_tmpfs(path: Path, size: str):
 @pytest.mark.usefixtures("shared_dir")
 def test_disk_full_is_one_line_at_the_step_and_keeps_the_last_checkpoint(tmp_path, small_files):
   """A 13 MiB tmpfs holds the tokenizer (3.5 MiB) and one checkpoint (6.3 MiB), not two."""
-  from jaxpref import trainer
+  from jaxpref.training import trainer
 
   with _small_tmpfs(tmp_path / "small", "13m") as workdir:
     config = _config(small_files, train__steps=6)
-    with pytest.raises(checkpointing.CheckpointSaveError) as info:
+    with pytest.raises(workdir_lib.CheckpointSaveError) as info:
       trainer.train_and_evaluate(config, workdir)
     message = str(info.value)
     assert "\n" not in message and "No space left on device" in message, message
@@ -282,7 +282,7 @@ def test_disk_full_is_one_line_at_the_step_and_keeps_the_last_checkpoint(tmp_pat
 def test_divergence_keeps_the_last_checkpoint_with_sound_weights(tmp_path, small_files):
   """lr 1e9 after a 10-step warmup: the step-1 update is 0, the step-2 one blows the weights up.
   The loss that shows it is step 3's, so the checkpoint of step 2 is set aside, not kept."""
-  from jaxpref import trainer
+  from jaxpref.training import trainer
 
   workdir = tmp_path / "run"
   config = _config(
@@ -352,7 +352,7 @@ def test_two_processes_stop_and_resume_equals_uninterrupted(resumed_two_process_
 # Through the programs.
 # ----------------------------------------------------------------------------------------------
 def test_first_signal_asks_to_stop_and_a_second_exits_at_once(monkeypatch):
-  from jaxpref import trainer
+  from jaxpref.training import trainer
 
   exits = []
   monkeypatch.setattr(trainer.os, "_exit", exits.append)

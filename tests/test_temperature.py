@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpref import calibration, temperature
+from jaxpref.evaluation import calibration, temperature
 
 
 def calibrated_items(seed: int, n_items: int = 20000, n: int = 2):

@@ -100,8 +100,8 @@ def test_train_resume_export_score(tmp_path):
   import transformers
 
   from jaxpref.data.tokenize import load_tokenizer
-  from jaxpref.model_source import load_for_inference
-  from jaxpref.scoring import score_fn
+  from jaxpref.evaluation.scoring import score_fn
+  from jaxpref.models.source import load_for_inference
 
   cfg, params, tokenizer_path, _ = load_for_inference(workdir=str(workdir))
   tokenizer = load_tokenizer(tokenizer_path)
@@ -146,13 +146,13 @@ def test_kill_9_and_restart_matches_uninterrupted(tmp_path):
     for value in values:  # Steps logged before the kill and again after the restart.
       assert value == expected[step], (step, value, expected[step])
 
-  from jaxpref import checkpointing
   from jaxpref.models import reward_model
+  from jaxpref.training import workdir as workdir_lib
 
-  cfg = checkpointing.read_model_config(reference)
+  cfg = workdir_lib.read_model_config(reference)
   abstract = reward_model.abstract_params(cfg)
-  _, params_ref = checkpointing.restore_params(reference, 8, abstract)
-  _, params_killed = checkpointing.restore_params(killed, 8, abstract)
+  _, params_ref = workdir_lib.restore_params(reference, 8, abstract)
+  _, params_killed = workdir_lib.restore_params(killed, 8, abstract)
   for a, b in zip(jax.tree.leaves(params_ref), jax.tree.leaves(params_killed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -179,7 +179,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_nan_loss_stops_and_sets_aside_the_checkpoint_that_caused_it(tmp_path):
   """lr 1e36 from step 1: step 2's loss is not finite, so the checkpoint of step 1 (the weights
   that loss came from) is not a good one; tests/test_resume.py covers a kept good checkpoint."""
-  from jaxpref import trainer
+  from jaxpref.training import trainer
 
   config = _tiny_config(
     train__learning_rate=1e36,

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import train_helpers as th
 
-from jaxpref import calibration, evaluation, model_source, train_data, trainer
 from jaxpref.data.errors import DataConfigError
+from jaxpref.evaluation import calibration
+from jaxpref.evaluation import evaluator as evaluation
+from jaxpref.models import source as model_source
+from jaxpref.training import data as train_data
+from jaxpref.training import trainer
 
 
 def _tiny_config(**changes):
@@ -51,7 +55,7 @@ def test_final_eval_hook_gets_the_reports_of_the_final_params(tmp_path):
   # bin it; the hook's reliability bins must be those of the trained model.
   cfg, params, _, step = model_source.load_for_inference(workdir=str(tmp_path))
   assert step == config.train.steps
-  data = train_data.prepare(config, cfg)
+  data = train_data.prepare(config, train_data.load_tokenizer(config))
   for task, items in data.eval_items.items():
     batches = evaluation.tokenized_eval_batches(
       items, data.tokenizer, batch_size=16, max_length=config.data.max_length

@@ -29,15 +29,13 @@ minutes in all. The smoke variant (2 domains, 1-layer MiniLM, 3 steps, 4 cells) 
 minute.
 """
 
-import os
-from pathlib import Path
-
 import ml_collections
 
+from jaxpref.data import shared
 from jaxpref.experiments.sweep_config import base_sweep_config
-from jaxpref.train_config import base_config
+from jaxpref.training.config import base_config
 
-SHARED = Path(os.environ.get("JAXPREF_SHARED", Path(__file__).resolve().parents[3] / "shared"))
+SHARED = shared.shared_dir()
 DOMAINS = ("academy", "business", "entertainment", "literature")
 
 
@@ -51,7 +49,7 @@ def _base(smoke: bool) -> ml_collections.ConfigDict:
   c.data.files = str(SHARED / "data" / "preferences" / "domain_specific.json")
   c.data.task_names = "dsp"  # Tasks dsp_<domain>.
   c.data.on_error = "skip"
-  c.data.tokenizer = str(SHARED / "data" / "tokenizers" / "gpt2" / "tokenizer.json")
+  c.data.tokenizer = str(shared.gpt2_tokenizer_file())
   # Right truncation keeps the query and the start of the answer, where each domain's voice is
   # set (measured: minilm2 single-task, 100 steps, 64 tokens: academy 0.76 / business 0.73 held-out
   # accuracy against 0.69 / 0.64 keeping the end instead).

@@ -4,7 +4,7 @@
   python -m jaxpref.experiments.scaling --config=configs/experiments/cpu_scaling.py:smoke ...
   (add --report_only to tabulate the finished cells; a rerun skips them)
 
-`base` is an ordinary training config (see `jaxpref.train_config`); `sweep` says which cells to
+`base` is an ordinary training config (see `jaxpref.training.config`); `sweep` says which cells to
 run (every key: `jaxpref.experiments.sweep_config`). Model specs are
 `name=decoder:hidden:layers:heads:intermediate` (random init) or `name=minilm:layers` (the
 pretrained all-MiniLM-L6-v2 encoder truncated to its first layers). The three tasks are the
@@ -19,15 +19,13 @@ otherwise idle cores: minilm2 MultiTask ~80 s a cell, single-task ~30 s, minilm6
 18 minutes in all. The smoke variant (a 16-wide decoder, 3 steps, 5 cells) takes about a minute.
 """
 
-import os
-from pathlib import Path
-
 import ml_collections
 
+from jaxpref.data import shared
 from jaxpref.experiments.sweep_config import base_sweep_config
-from jaxpref.train_config import base_config
+from jaxpref.training.config import base_config
 
-SHARED = Path(os.environ.get("JAXPREF_SHARED", Path(__file__).resolve().parents[3] / "shared"))
+SHARED = shared.shared_dir()
 PREFERENCES = SHARED / "data" / "preferences"
 
 
@@ -41,7 +39,7 @@ def _base(smoke: bool) -> ml_collections.ConfigDict:
   c.data.files = ",".join(
     str(PREFERENCES / f) for f in ("helpful.json", "harmless.json", "webgpt.json")
   )
-  c.data.tokenizer = str(SHARED / "data" / "tokenizers" / "gpt2" / "tokenizer.json")
+  c.data.tokenizer = str(shared.gpt2_tokenizer_file())
   c.data.on_tie = "skip"  # webgpt's tied pairs carry no preference.
   # Left truncation keeps the end of the conversation: the final answers, where pairs differ.
   c.data.max_length = 32 if smoke else 64

@@ -2,13 +2,13 @@
 
 A preference batch pads every response to the batch's bucket length; on real data most of those
 positions are padding (about 60% on HH-RLHF at 512 tokens). `pack_batch` moves the real tokens of
-all B * N responses into R rows of `row_length` tokens (first-fit decreasing), with
+all B * N responses into R rows of `row_length` tokens (first-fit decreasing) and returns a
+`jaxpref.data.batch.PackedBatch` (input_ids, segment_ids and positions [R, row_length];
+last_index [B * N], the flat index of each response's last token, -1 for an empty one).
 
-  packed_input_ids [R, row_length]    token ids, 0 on unused slots
-  packed_segment_ids [R, row_length]  1, 2, ... for the responses of a row; 0 on unused slots
-  packed_positions [R, row_length]    0 at each response's first token
-  packed_last_index [B * N]           flat index (row * row_length + column) of each response's
-                                      last token; -1 for an empty (padded) response
+The training pipeline packs (`jaxpref.data.pipeline`, `data.packing=True`): every process packs
+its own items into the same number of rows, which it computes for every process from the shared
+mixing plan (`rows_needed` on each process's lengths), so no step needs a collective.
 
 The decoders attend only within a segment (causal and same segment), restart positions per
 segment, and `last` pooling reads `packed_last_index`, so every response's reward is the one it
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PACKED_KEYS = ("packed_input_ids", "packed_segment_ids", "packed_positions", "packed_last_index")
+from jaxpref.data.batch import PackedBatch, PaddedBatch
 
 
 def first_fit_decreasing(lengths_s: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,17 +50,18 @@ def first_fit_decreasing(lengths_s: np.ndarray, row_length: int) -> tuple[np.nda
 
 
 def pack_batch(
-  batch: dict[str, np.ndarray],
+  batch: PaddedBatch | dict[str, np.ndarray],
   *,
   row_length: int,
   row_multiple: int = 1,
   num_rows: int | None = None,
   row_offset: int = 0,
 ) -> dict[str, np.ndarray]:
-  """The packed form of a preference batch (keys `PACKED_KEYS`, plus `scores` and `task_ids`).
+  """The packed form of a padded preference batch.
 
   Args:
-    batch: `input_ids` / `attention_mask` [B, N, L] (padding on either side), `scores`, `task_ids`.
+    batch: a `PaddedBatch` (or its dict): input_ids / attention_mask [B, N, L] (padding on either
+      side), scores, task_ids.
     row_length: tokens per packed row (the run's max_length).
     row_multiple: the number of rows is rounded up to a multiple of this (the batch is sharded
       over that many devices).
@@ -69,10 +70,13 @@ def pack_batch(
       the global packed array.
 
   Returns:
-    The packed batch (numpy), see the module docstring.
+    A `PackedBatch` of numpy arrays.
   """
-  ids_sl = batch["input_ids"].reshape(-1, batch["input_ids"].shape[-1])
-  mask_sl = batch["attention_mask"].reshape(ids_sl.shape) > 0
+  if isinstance(batch, dict):
+    batch = PaddedBatch.from_dict(batch)
+  ids_bnl, mask_bnl = np.asarray(batch.input_ids), np.asarray(batch.attention_mask)
+  ids_sl = ids_bnl.reshape(-1, ids_bnl.shape[-1])
+  mask_sl = mask_bnl.reshape(ids_sl.shape) > 0
   lengths_s = mask_sl.sum(-1)
   row_s, start_s = first_fit_decreasing(lengths_s, row_length)
   needed = int(row_s.max()) + 1 if (row_s >= 0).any() else 1
@@ -92,18 +96,18 @@ def pack_batch(
     segment_rl[r, start : start + n] = segments_in_row[r]
     positions_rl[r, start : start + n] = np.arange(n)
     last_index_s[s] = (row_offset + r) * row_length + start + n - 1
-  return {
-    "packed_input_ids": ids_rl,
-    "packed_segment_ids": segment_rl,
-    "packed_positions": positions_rl,
-    "packed_last_index": last_index_s,
-    "scores": batch["scores"],
-    "task_ids": batch["task_ids"],
-  }
+  return PackedBatch(
+    input_ids=ids_rl,
+    segment_ids=segment_rl,
+    positions=positions_rl,
+    last_index=last_index_s,
+    lengths=lengths_s.reshape(mask_bnl.shape[:2]).astype(np.int32),
+    scores=batch.scores,
+    task_ids=batch.task_ids,
+  )
 
 
-def rows_needed(batch: dict[str, np.ndarray], row_length: int) -> int:
-  """Rows `pack_batch` needs for this batch (before rounding)."""
-  lengths_s = (batch["attention_mask"].reshape(-1, batch["attention_mask"].shape[-1]) > 0).sum(-1)
-  row_s, _ = first_fit_decreasing(lengths_s, row_length)
+def rows_needed(lengths: np.ndarray, row_length: int) -> int:
+  """Rows `pack_batch` needs for responses of these lengths (any shape), before rounding."""
+  row_s, _ = first_fit_decreasing(np.asarray(lengths).ravel(), row_length)
   return int(row_s.max()) + 1 if (row_s >= 0).any() else 1

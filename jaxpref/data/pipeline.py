@@ -9,7 +9,9 @@ batch, `global_batch_size / process_count` rows, process p holding global rows
 the batch axis, in process order, build each global array with
 `jax.make_array_from_process_local_data(NamedSharding(mesh, P(batch_axes)), local_array)`.
 All processes pad to the same length: the bucket is computed from the whole global batch,
-which every process derives cheaply from the shared seed.
+which every process derives cheaply from the shared seed. With packing, every process packs its
+items into the same number of rows, computed the same way for every process from the plan, so
+no step needs a collective; process p's rows are global rows [p * R, (p + 1) * R).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import grain
 import numpy as np
 from absl import logging
 
-from jaxpref.data import errors
+from jaxpref.data import errors, packing
+from jaxpref.data.batch import PaddedBatch, TrainBatch
 from jaxpref.data.mixing import MixingPlan
 from jaxpref.data.records import PreferenceItem, as_task_lists
 from jaxpref.data.tokenize import (
@@ -46,6 +49,9 @@ class StepBatcher:
   buckets: tuple[int, ...]
   padding_side: str
   process_index: int
+  process_count: int = 1
+  pack_row_length: int = 0  # 0: padded batches; else pack into rows of this many tokens
+  pack_row_multiple: int = 1  # each process's row count is a multiple of this
 
   def global_length(self, step: int) -> int:
     """The bucketed length of the whole global batch: the same on every process."""
@@ -56,11 +62,39 @@ class StepBatcher:
     )
     return bucket_length(longest, self.buckets)
 
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
+  def _response_lengths(self, step: int, process_index: int) -> np.ndarray:
+    task_ids, item_ids = self.plan.rows(step, process_index)
+    lengths = []
+    for t, i in zip(task_ids, item_ids):
+      tok = self.tasks[t]
+      lengths.append(tok.lengths_r[tok.item_starts[i] : tok.item_starts[i + 1]])
+    return np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+
+  def packed_rows(self, step: int) -> int:
+    """Rows per process of a packed step: the most any process needs, rounded up to
+    `pack_row_multiple`. Every process computes the same number from the shared plan."""
+    needed = max(
+      packing.rows_needed(self._response_lengths(step, p), self.pack_row_length)
+      for p in range(self.process_count)
+    )
+    return -(-needed // self.pack_row_multiple) * self.pack_row_multiple
+
+  def __call__(self, step: int) -> TrainBatch:
     step = int(step)
     task_ids, item_ids = self.plan.rows(step, self.process_index)
     rows = [(self.tasks[t], int(i), int(t)) for t, i in zip(task_ids, item_ids)]
-    return collate(rows, self.num_responses, self.global_length(step), self.padding_side)
+    batch = PaddedBatch.from_dict(
+      collate(rows, self.num_responses, self.global_length(step), self.padding_side)
+    )
+    if not self.pack_row_length:
+      return batch
+    num_rows = self.packed_rows(step)
+    return packing.pack_batch(
+      batch,
+      row_length=self.pack_row_length,
+      num_rows=num_rows,
+      row_offset=self.process_index * num_rows,
+    )
 
 
 class PreferenceBatchIterator(grain.DatasetIterator):
@@ -101,7 +135,7 @@ class PreferenceBatchIterator(grain.DatasetIterator):
     self.task_hashes = {n: content_hash(t) for n, t in zip(task_names, batcher.tasks)}
     self._fingerprint = fingerprint
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def __next__(self) -> TrainBatch:
     return next(self._inner)
 
   def get_state(self) -> dict[str, Any]:
@@ -191,6 +225,8 @@ def build_train_pipeline(
   special_tokens: str = "auto",
   num_threads: int = 2,
   prefetch: int = 4,
+  packing_row_length: int = 0,
+  packing_row_multiple: int = 1,
 ) -> PreferenceBatchIterator:
   """Builds the multi-task training iterator.
 
@@ -216,11 +252,15 @@ def build_train_pipeline(
     buckets: allowed padded lengths, ending at `max_length`; default powers of two from 32.
     truncation_side, padding_side, special_tokens: see `TokenizeOptions`.
     num_threads, prefetch: grain threads and batches prefetched.
+    packing_row_length: 0 for padded batches; else pack every batch into rows of this many
+      tokens (`jaxpref.data.packing`).
+    packing_row_multiple: each process's packed row count is a multiple of this (the devices
+      of the batch axes each process feeds).
 
   Returns:
-    `PreferenceBatchIterator` yielding dicts with `input_ids` int32 [b, N, L],
-    `attention_mask` int32 [b, N, L], `scores` float32 [b, N], `task_ids` int32 [b], where
-    b = global_batch_size / process_count and L is a bucket.
+    `PreferenceBatchIterator` yielding `PaddedBatch`es (input_ids / attention_mask int32
+    [b, N, L], scores float32 [b, N], task_ids int32 [b], where b = global_batch_size /
+    process_count and L is a bucket), or `PackedBatch`es with packing.
   """
   if num_epochs is not None and num_steps is not None:
     raise errors.DataConfigError("give num_epochs or num_steps, not both")
@@ -278,6 +318,9 @@ def build_train_pipeline(
     buckets=options.bucket_lengths,
     padding_side=padding_side,
     process_index=process_index,
+    process_count=process_count,
+    pack_row_length=packing_row_length,
+    pack_row_multiple=max(1, packing_row_multiple),
   )
   # The run length is left out: a run may be resumed with more steps (the batch of a step does
   # not depend on how many steps follow it). So is the process layout: every process must agree
@@ -294,6 +337,8 @@ def build_train_pipeline(
     "buckets": list(options.bucket_lengths),
     "padding_side": padding_side,
   }
+  if packing_row_length:  # Only then: fingerprints of padded runs stay what they were.
+    config["packing"] = [packing_row_length, max(1, packing_row_multiple)]
   dataset = grain.MapDataset.range(num_steps).map(batcher)
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   logging.info(

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxpref import plots
+from jaxpref.evaluation import plots
 
 OBJECTIVE_ORDER = ("single", "multitask", "more")
 

@@ -2,12 +2,12 @@
 
   python -m jaxpref.experiments.scaling --config=configs/experiments/cpu_scaling.py --workdir=DIR
 
-Each cell is one `jaxpref.trainer.train_and_evaluate` run in DIR/cells/<name>; the trainer's
-final-evaluation hook hands the sweep the full per-task reports, whose reliability bins go to
-the cell's reports.json. A cell whose reports.json exists is skipped, so an interrupted sweep
-picks up where it stopped. The sweep then writes DIR/results.json (one row per cell; paths in it
-are relative to DIR, or to the shared data folder as `<shared>/...`), DIR/results.md (accuracy
-and ECE per task, mean ± std over seeds) and plots under DIR/plots/.
+Each cell is one `jaxpref.training.trainer.train_and_evaluate` run in DIR/cells/<name>; the
+trainer's final-evaluation hook hands the sweep the full per-task reports, whose reliability
+bins go to the cell's reports.json. A cell whose reports.json exists is skipped, so an
+interrupted sweep picks up where it stopped. The sweep then writes DIR/results.json (one row per
+cell; paths in it are relative to DIR, or to the shared data folder as `<shared>/...`),
+DIR/results.md (accuracy and ECE per task, mean ± std over seeds) and plots under DIR/plots/.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def sweep_tasks(config: ml_collections.ConfigDict) -> list[str]:
   A file that holds several tasks (the domain-specific format: `<name>_<domain>`) needs
   `sweep.tasks`, since the tasks are only known once the file is read.
   """
-  from jaxpref import train_data
+  from jaxpref.training import data as train_data
 
   names = [t.strip() for t in config.sweep.tasks.split(",") if t.strip()]
   return names or [name for name, _ in train_data.task_files(config.base.data)]
@@ -181,7 +181,8 @@ def cell_config(config: ml_collections.ConfigDict, cell: Cell, root: Path):
 
 def run_cell(config: ml_collections.ConfigDict, cell: Cell, root: Path) -> dict[str, Any]:
   """Trains one cell (unless done) and returns its row (see `_row`)."""
-  from jaxpref import checkpointing, trainer
+  from jaxpref.training import trainer
+  from jaxpref.training import workdir as workdir_lib
 
   workdir = root / "cells" / cell.name
   if not (workdir / REPORTS).is_file():
@@ -197,7 +198,7 @@ def run_cell(config: ml_collections.ConfigDict, cell: Cell, root: Path) -> dict[
     reliability = {task: report["reliability"] for task, report in final.items()}
     (workdir / REPORTS).write_text(json.dumps({"wall_s": wall, "reliability": reliability}))
     if not config.sweep.keep_checkpoints:
-      shutil.rmtree(checkpointing.checkpoint_dir(workdir), ignore_errors=True)
+      shutil.rmtree(workdir_lib.checkpoint_dir(workdir), ignore_errors=True)
   return _row(cell, workdir, root)
 
 
@@ -206,8 +207,8 @@ def _row(cell: Cell, workdir: Path, root: Path) -> dict[str, Any]:
   import jax
   import numpy as np
 
-  from jaxpref import checkpointing
   from jaxpref.models import reward_model
+  from jaxpref.training import workdir as workdir_lib
 
   evals = json.loads((workdir / "eval_final.json").read_text())
   extra = json.loads((workdir / REPORTS).read_text())
@@ -216,7 +217,7 @@ def _row(cell: Cell, workdir: Path, root: Path) -> dict[str, Any]:
     _, task, metric = key.split("/", 2)
     if task != "all":
       per_task.setdefault(task, {})[metric] = value
-  abstract = reward_model.abstract_params(checkpointing.read_model_config(workdir))
+  abstract = reward_model.abstract_params(workdir_lib.read_model_config(workdir))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
   return {
     "cell": cell.name,

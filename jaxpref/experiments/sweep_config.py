@@ -1,7 +1,7 @@
 """The `sweep` half of a `jaxpref.experiments.scaling` config: every key, with its default.
 
 A sweep config (`configs/experiments/*.py`) is a ConfigDict with two parts: `base`, an ordinary
-training config (`jaxpref.train_config.base_config`) shared by every cell, and `sweep`, which
+training config (`jaxpref.training.config.base_config`) shared by every cell, and `sweep`, which
 says which cells to run. Start `sweep` from `base_sweep_config()` and set what you need.
 """
 

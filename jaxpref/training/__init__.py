@@ -1,1 +1,1 @@
-"""Training: the loop, its config, state, data, workdir layout and metrics."""
+"""Training: typed configs, the train state and step, the loop, the workdir and its checkpoints."""

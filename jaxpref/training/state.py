@@ -11,9 +11,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from jaxpref import objectives, sharding
+from jaxpref import sharding
 from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
+from jaxpref.objectives import objective as objectives
 
 
 @flax.struct.dataclass
@@ -24,7 +25,6 @@ class TrainState:
   params: Any
   opt_state: Any
   objective: Any  # objectives.ObjectiveState (MORE momentum); tiny and replicated.
-  rng: jax.Array
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -75,15 +75,15 @@ def init_state(
   params=None,
 ) -> TrainState:
   """A fresh state; random parameters unless `params` is given."""
-  init_rng, state_rng = jax.random.split(rng)
   if params is None:
+    # The first half of a split, as before `TrainState.rng` was removed: same seed, same init.
+    init_rng, _ = jax.random.split(rng)
     params = reward_model.init_params(model_cfg, init_rng)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     opt_state=optimizer.init(params),
     objective=objectives.init_objective_state(num_tasks, model_cfg.hidden_size),
-    rng=state_rng,
   )
 
 
@@ -117,7 +117,6 @@ def state_shardings(model_cfg: ModelConfig, abstract_state: TrainState, mesh: Me
     params=param_shardings,
     opt_state=opt_shardings,
     objective=jax.tree.map(lambda _: replicated, abstract_state.objective),
-    rng=replicated,
   )
 
 

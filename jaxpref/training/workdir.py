@@ -50,16 +50,22 @@ def checkpoint_dir(workdir: str | Path) -> Path:
   return Path(workdir) / "checkpoints"
 
 
+def is_checkpoint_step(step: int, every_steps: int, total_steps: int) -> bool:
+  """The checkpoint cadence (its one owner): every `checkpoint.every_steps` and the last step."""
+  return step == total_steps or (every_steps > 0 and step % every_steps == 0)
+
+
 def make_manager(
   workdir: str | Path,
   *,
-  every_steps: int,
   keep: int,
   async_save: bool = True,
   read_only: bool = False,
 ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-    save_interval_steps=max(every_steps, 1),
+    # Every `save` call is meant (the cadence is `is_checkpoint_step`); the manager keeps,
+    # writes and finds checkpoints.
+    save_interval_steps=1,
     max_to_keep=keep if keep > 0 else None,
     enable_async_checkpointing=async_save,
     create=not read_only,
@@ -102,7 +108,10 @@ def save(
   """Starts saving `step` (in the background with async saves); a failure is a
   `CheckpointSaveError` naming the step (see `check_saved` for a background failure)."""
   args = ocp.args.Composite(
-    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
+    # PyTree handlers on both sides (a manager keeps one handler per item): the restore is
+    # partial, see `restore`.
+    state=ocp.args.PyTreeSave(state),
+    data=ocp.args.JsonSave(data_state or {}),
   )
   try:
     return manager.save(step, args=args, force=force)
@@ -146,13 +155,29 @@ def _one_line(error: BaseException) -> str:
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
+  # A partial restore reads the leaves the current state has: checkpoints written before
+  # `TrainState.rng` was removed keep that (unused) leaf on disk and still resume.
   restored = manager.restore(
     step,
     args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+      state=ocp.args.PyTreeRestore(
+        item=abstract_state, restore_args=_restore_args(abstract_state), partial_restore=True
+      ),
+      data=ocp.args.JsonRestore(),
     ),
   )
   return restored["state"], dict(restored["data"] or {})
+
+
+def _restore_args(target: Any) -> Any:
+  return jax.tree.map(
+    lambda x: (
+      ocp.ArrayRestoreArgs(sharding=x.sharding)
+      if getattr(x, "sharding", None)
+      else ocp.RestoreArgs(restore_type=None)
+    ),
+    target,
+  )
 
 
 def _agree(ok: bool) -> bool:
@@ -229,14 +254,7 @@ def restore(
 def _restore_params_step(manager: ocp.CheckpointManager, step: int, abstract_params: Any):
   # Only `params` is read: the optimizer state (twice the parameters' size) stays on disk.
   target = {"params": abstract_params}
-  restore_args = jax.tree.map(
-    lambda x: (
-      ocp.ArrayRestoreArgs(sharding=x.sharding)
-      if getattr(x, "sharding", None)
-      else ocp.RestoreArgs(restore_type=None)
-    ),
-    target,
-  )
+  restore_args = _restore_args(target)
   restored = manager.restore(
     step,
     args=ocp.args.Composite(
@@ -253,7 +271,7 @@ def restore_params(workdir: str | Path, step: int | None, abstract_params: Any) 
   stderr and skipped (left where it is: eval and export never write to a workdir). A damaged
   `step` asked for explicitly is a `CheckpointDamagedError`.
   """
-  manager = make_manager(workdir, every_steps=1, keep=0, async_save=False, read_only=True)
+  manager = make_manager(workdir, keep=0, async_save=False, read_only=True)
   have = sorted(manager.all_steps())
   if step is not None and step not in have:
     raise CheckpointNotFoundError(

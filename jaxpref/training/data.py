@@ -13,7 +13,8 @@ from absl import logging
 from jax.sharding import Mesh
 
 from jaxpref import sharding
-from jaxpref.data import packing, pipeline, reader, splits, tokenize
+from jaxpref.data import pipeline, reader, splits, tokenize
+from jaxpref.data.batch import TrainBatch
 from jaxpref.data.errors import DataConfigError
 from jaxpref.data.records import DataSummary, PreferenceItem, group_by_task
 from jaxpref.models.config import ModelConfig
@@ -27,7 +28,6 @@ class TrainData:
   eval_items: dict[str, list[PreferenceItem]]
   num_steps: int  # train.steps, or one epoch of the mixed data when that is 0
   summary: DataSummary
-  model_cfg: ModelConfig
 
 
 def task_files(data: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -59,8 +59,20 @@ def select_tasks(available: list[str], wanted: str) -> list[str]:
   return [t for t in available if t in names] if names else available
 
 
-def _with_token_ids(cfg: ModelConfig, tokenizer) -> ModelConfig:
-  """Fills the model's pad / eos ids from the tokenizer where the config leaves them unset."""
+def load_tokenizer(config: ml_collections.ConfigDict):
+  """The run's tokenizer: `data.tokenizer`, else the checkpoint's (`model.path`)."""
+  tokenizer_path = config.data.tokenizer or config.model.path
+  if not tokenizer_path:
+    raise DataConfigError(
+      "no tokenizer: set data.tokenizer (an HF dir or tokenizer.json) or model.path"
+    )
+  return tokenize.load_tokenizer(tokenizer_path)
+
+
+def settle_model_config(cfg: ModelConfig, tokenizer) -> ModelConfig:
+  """The model config the run trains: pad / eos ids filled from the tokenizer where the config
+  leaves them unset, and the tokenizer checked against the vocabulary. Done before any data is
+  read; nothing downstream changes the model config."""
   changes = {}
   if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
     changes["pad_token_id"] = int(tokenizer.pad_token_id)
@@ -73,16 +85,18 @@ def _with_token_ids(cfg: ModelConfig, tokenizer) -> ModelConfig:
   return cfg.replace(**changes) if changes else cfg
 
 
-def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainData:
-  """Reads every task's file, splits off held-out items, and builds the train pipeline."""
+def prepare(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh | None = None) -> TrainData:
+  """Reads every task's file, splits off held-out items, and builds the train pipeline.
+
+  With `data.packing`, the pipeline packs each process's items into rows (a multiple of the
+  batch-axis devices each process feeds on `mesh`) that land at global rows
+  [p * R, (p + 1) * R) of process p; `check_process_blocks` makes sure the mesh lays them there.
+  """
   data = config.data
-  tokenizer_path = data.tokenizer or config.model.path
-  if not tokenizer_path:
-    raise DataConfigError(
-      "no tokenizer: set data.tokenizer (an HF dir or tokenizer.json) or model.path"
-    )
-  tokenizer = tokenize.load_tokenizer(tokenizer_path)
-  model_cfg = _with_token_ids(model_cfg, tokenizer)
+  row_multiple = 1
+  if data.packing and mesh is not None:
+    check_process_blocks(mesh)
+    row_multiple = max(1, sharding.global_batch_size_multiple(mesh) // jax.process_count())
 
   summary = DataSummary()
   train_items, eval_items = {}, {}
@@ -121,6 +135,8 @@ def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainD
     process_count=jax.process_count(),
     truncation_side=data.truncation_side,
     buckets=tokenize.length_buckets(data.max_length, data.min_bucket, data.bucket_multiple),
+    packing_row_length=data.max_length if data.packing else 0,
+    packing_row_multiple=row_multiple,
   )
   return TrainData(
     task_names=task_names,
@@ -129,45 +145,32 @@ def prepare(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> TrainD
     eval_items={t: eval_items[t] for t in task_names},
     num_steps=train_pipeline.num_steps,
     summary=summary,
-    model_cfg=model_cfg,
   )
 
 
-def pack_local_batch(
-  local_batch: dict[str, np.ndarray], row_length: int, mesh: Mesh
-) -> dict[str, np.ndarray]:
-  """This process's part of a packed global batch (see `jaxpref.data.packing`).
-
-  Every process must hold the same number of rows, so the count is agreed (the maximum over
-  processes, one small all-gather per step) and rounded to a multiple of the batch-axis devices
-  each process feeds; `packed_last_index` then indexes the global [R, row_length] array.
-  """
+def check_process_blocks(mesh: Mesh) -> None:
+  """Packed rows need each process's batch-axis shards to be one block, in process order."""
   per_process = max(1, sharding.global_batch_size_multiple(mesh) // jax.process_count())
-  rows = packing.rows_needed(local_batch, row_length)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    rows = int(np.max(multihost_utils.process_allgather(np.int32(rows))))
-  rows = -(-rows // per_process) * per_process
-  # Where this process's rows sit in the global array: the first row of its devices' shards.
-  global_shape = (rows * jax.process_count(), row_length)
-  index_map = sharding.batch_sharding(mesh, global_shape).devices_indices_map(global_shape)
-  offset = min(
-    index[0].start or 0
-    for device, index in index_map.items()
-    if device.process_index == jax.process_index()
-  )
-  return packing.pack_batch(local_batch, row_length=row_length, num_rows=rows, row_offset=offset)
+  rows = per_process * jax.process_count()
+  shape = (rows, 1)
+  index_map = sharding.batch_sharding(mesh, shape).devices_indices_map(shape)
+  for device, index in index_map.items():
+    start = index[0].start or 0
+    if not device.process_index * per_process <= start < (device.process_index + 1) * per_process:
+      raise DataConfigError(
+        "data.packing needs each process's devices to hold one block of the batch axis in "
+        f"process order; mesh {dict(mesh.shape)} does not (device {device.id} of process "
+        f"{device.process_index} holds row {start} of {rows})"
+      )
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: TrainBatch, mesh: Mesh) -> TrainBatch:
   """Assembles each process's rows into global arrays sharded over the mesh's batch axes."""
-  out = {}
-  for name, local in local_batch.items():
-    if name not in ("input_ids", "attention_mask", "scores", "task_ids", *packing.PACKED_KEYS):
-      continue
+
+  def to_global(local: np.ndarray) -> jax.Array:
     global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-    out[name] = jax.make_array_from_process_local_data(
+    return jax.make_array_from_process_local_data(
       sharding.batch_sharding(mesh, global_shape), local, global_shape
     )
-  return out
+
+  return jax.tree.map(to_global, local_batch)

@@ -11,12 +11,10 @@ real checkpoint or data and runs a few steps of a random-init model on the share
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import ml_collections
 
-from jaxpref.train_config import base_config
+from jaxpref.data import shared
+from jaxpref.training.config import base_config
 
 PAPER_TASKS = ("helpful", "harmless", "oasst1", "webgpt", "summarize")
 PAPER_MODELS = {
@@ -26,10 +24,6 @@ PAPER_MODELS = {
   "llama-2-7b": ("llama-2-7b", "/path/to/checkpoints/Llama-2-7b-hf"),
   "llama-2-13b": ("llama-2-13b", "/path/to/checkpoints/Llama-2-13b-hf"),
 }
-
-
-def _shared_dir() -> Path:
-  return Path(os.environ.get("JAXPREF_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def paper_config(model: str, objective: str, variant: str = "") -> ml_collections.ConfigDict:
@@ -68,7 +62,7 @@ def paper_config(model: str, objective: str, variant: str = "") -> ml_collection
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
   if variant == "tiny":
-    preferences = _shared_dir() / "data" / "preferences"
+    preferences = shared.preferences_dir()
     c.model.path = ""
     c.model.preset = ""
     c.model.arch = "llama" if model.startswith("llama") else "gpt_neox"
@@ -83,7 +77,7 @@ def paper_config(model: str, objective: str, variant: str = "") -> ml_collection
       str(preferences / f"{t}.json") for t in ("helpful", "harmless", "webgpt")
     )
     c.data.task_names = "helpful,harmless,webgpt"
-    c.data.tokenizer = str(_shared_dir() / "data" / "tokenizers" / "gpt2" / "tokenizer.json")
+    c.data.tokenizer = str(shared.gpt2_tokenizer_file())
     c.data.max_length = 64
     c.data.resampling_size = 40
     c.data.eval_fraction = 0.1

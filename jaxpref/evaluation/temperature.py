@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref import calibration
+from jaxpref.evaluation import calibration
 
 # log T is searched in [-LOG_T_BOUND, LOG_T_BOUND]: T in [1e-3, 1e3]. A fit at a bound means the
 # data are separable (T -> 0) or the rewards carry no signal or the wrong sign (T -> inf).

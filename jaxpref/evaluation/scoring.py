@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpref.data.batch import PaddedBatch, TrainBatch
 from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
 
@@ -46,33 +47,23 @@ def score_fn(
   return rewards_bn, pooled_bnd
 
 
-def score_batch(
-  cfg: ModelConfig, params, batch: dict[str, jax.Array]
-) -> tuple[jax.Array, jax.Array]:
-  """`score_fn` on a training batch, padded ([B, N, L]) or packed (`jaxpref.data.packing`)."""
-  if "packed_input_ids" not in batch:
-    return score_fn(cfg, params, batch["input_ids"], batch["attention_mask"])
-  b, n = batch["scores"].shape
-  segment_ids_rl = batch["packed_segment_ids"]
+def score_batch(cfg: ModelConfig, params, batch: TrainBatch) -> tuple[jax.Array, jax.Array]:
+  """`score_fn` on a training batch, padded or packed (`jaxpref.data.batch`)."""
+  if isinstance(batch, PaddedBatch):
+    return score_fn(cfg, params, batch.input_ids, batch.attention_mask)
+  b, n = batch.scores.shape
   outputs = reward_model.apply(
     cfg,
     params,
-    batch["packed_input_ids"],
-    (segment_ids_rl > 0).astype(jnp.int32),
+    batch.input_ids,
+    (batch.segment_ids > 0).astype(jnp.int32),
     packed={
-      "segment_ids": segment_ids_rl,
-      "positions": batch["packed_positions"],
-      "last_index": batch["packed_last_index"],
+      "segment_ids": batch.segment_ids,
+      "positions": batch.positions,
+      "last_index": batch.last_index,
     },
   )
   return outputs["rewards"].reshape(b, n), outputs["pooled"].reshape(b, n, -1)
-
-
-def batch_tokens(batch: dict[str, jax.Array]) -> tuple[jax.Array, int]:
-  """(real tokens, positions computed) of a padded or packed batch."""
-  if "packed_segment_ids" in batch:
-    return (batch["packed_segment_ids"] > 0).sum(), batch["packed_segment_ids"].size
-  return batch["attention_mask"].sum(), batch["attention_mask"].size
 
 
 @functools.lru_cache(maxsize=32)

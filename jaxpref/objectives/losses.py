@@ -1,7 +1,7 @@
 """Bradley-Terry pair terms, the ranking loss, and min-norm (MGDA) task weights.
 
 Everything here is a pure function of arrays, safe under `jax.jit` and `jax.vmap`. The objectives
-built from these pieces (ranking, MultiTask, MORE) live in `jaxpref.objectives`.
+built from these pieces (ranking, MultiTask, MORE) live in `jaxpref.objectives.objective`.
 
 Pair semantics (shared with the data pipeline and evaluation): for every ordered pair (i, j) of an
 item's responses with `score_i > score_j` and both scores >= 0 there is one term

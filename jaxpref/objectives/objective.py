@@ -27,7 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxpref import losses
+from jaxpref.objectives import losses
 
 KINDS = ("ranking", "multitask", "more")
 NORMALIZATIONS = ("l2", "loss", "loss+", "none")

@@ -13,9 +13,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxpref import calibration, scoring
 from jaxpref.data import eval_batches, tokenize
 from jaxpref.data.records import PreferenceItem
+from jaxpref.evaluation import calibration, scoring
 from jaxpref.models.config import ModelConfig
 
 # The metrics logged per task during training (the full report has more).

@@ -13,6 +13,9 @@ valid predictions, interpolated linearly like `np.percentile`.
 Everything below except `calibration_report` is jittable; arrays are flattened over items and
 ordered pairs i != j in the order (item, i, j), so the pairwise helpers return fixed-size
 [B * N * (N - 1)] arrays with a validity mask.
+
+(Over 400 lines on purpose: every metric, the binning and the report share these pairwise and
+binning helpers and their conventions; split, one definition would live in two files.)
 """
 
 from __future__ import annotations
@@ -390,7 +393,7 @@ def calibration_report(
     seed: seed of the bootstrap.
     temperature: T dividing reward differences before the sigmoid.
     ci_bins: bin count of the ECE whose interval is bootstrapped.
-    diagram_bins: bin count of the per-bin data in `reliability` (for `jaxpref.plots`).
+    diagram_bins: bin count of the per-bin data in `reliability` (for `jaxpref.evaluation.plots`).
 
   Returns:
     {"accuracy", "n_pairs" (strict preferences), "n_ordered_pairs" (predictions binned: both

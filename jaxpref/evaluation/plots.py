@@ -115,7 +115,8 @@ def reliability_diagram(
   """Writes a reliability diagram PNG: frequency vs confidence per bin over a histogram.
 
   Args:
-    report_or_bins: a `jaxpref.calibration.calibration_report` dict or its "reliability" entry
+    report_or_bins: a `jaxpref.evaluation.calibration.calibration_report` dict or its
+      "reliability" entry
       ({"edges", "confidence", "frequency", "count"[, "ece"]}).
     path: the PNG to write (parent folders are created).
     title: optional title above the diagram.

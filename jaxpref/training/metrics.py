@@ -73,10 +73,3 @@ class MetricsWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
-
-
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-  """The records of `WORKDIR/metrics.jsonl`, in order."""
-  path = Path(workdir) / "metrics.jsonl"
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]

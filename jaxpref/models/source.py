@@ -8,9 +8,9 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from jaxpref import checkpointing
 from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
+from jaxpref.training import workdir as workdir_lib
 
 # Fields a user may change on top of a checkpoint or preset.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_block")
@@ -60,8 +60,8 @@ def load_for_inference(
 
     cfg, params = hf_io.load_hf(model)
     return cfg, params, model, None
-  cfg = checkpointing.read_model_config(workdir)
+  cfg = workdir_lib.read_model_config(workdir)
   abstract = reward_model.abstract_params(cfg)
-  step, params = checkpointing.restore_params(workdir, step, abstract)
+  step, params = workdir_lib.restore_params(workdir, step, abstract)
   tokenizer_path = str(Path(workdir) / "tokenizer")
   return cfg, params, tokenizer_path, step

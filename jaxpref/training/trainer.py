@@ -1,12 +1,11 @@
 """`train_and_evaluate(config, workdir)`: the training loop behind `python -m jaxpref.train`.
 
 Reading order: data -> mesh and sharded state -> checkpoint restore -> the loop (step, log, eval,
-save, preemption and NaN handling). The step itself is `jaxpref.train_step.train_step`.
+save, preemption and NaN handling). The step itself is `jaxpref.training.step.train_step`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -18,17 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxpref import checkpointing, evaluation, flops, objectives, sharding, train_data, train_state
+from jaxpref import sharding
+from jaxpref.data import batch as batch_lib
 from jaxpref.data.errors import DataConfigError
-from jaxpref.metrics_writer import MetricsWriter, flatten_metrics
-from jaxpref.model_source import load_model
+from jaxpref.evaluation import evaluator as evaluation
 from jaxpref.models import reward_model
-from jaxpref.train_step import train_step
-from jaxpref.training import lock, resume
+from jaxpref.models.source import load_model
+from jaxpref.training import data as train_data
+from jaxpref.training import flops, lock, resume
+from jaxpref.training import step as train_step_lib
+from jaxpref.training import workdir as workdir_lib
+from jaxpref.training.metrics import MetricsWriter, flatten_metrics
 
 
 class TrainingError(RuntimeError):
@@ -85,30 +89,6 @@ class _StopRequest:
     return self.requested
 
 
-# ----------------------------------------------------------------------------------------------
-# Divergence guard: the loss logged at step s is that of the parameters saved at step s - 1, so a
-# checkpoint is known good only once the next step's loss is finite and not spiking.
-# ----------------------------------------------------------------------------------------------
-class _DivergenceGuard:
-  def __init__(self, factor: float):
-    self.factor = factor
-    self.average: float | None = None
-
-  def problem(self, loss: float, grad_norm: float) -> str | None:
-    """Why this step's loss shows diverging weights, or None (and the running average moves)."""
-    if not math.isfinite(loss):
-      return f"loss became {loss}"
-    if not math.isfinite(grad_norm):
-      return f"loss became {loss} with a gradient norm of {grad_norm}"
-    if self.factor > 0 and self.average is not None and loss > self.factor * self.average:
-      return (
-        f"loss became {loss:.4g}, over train.divergence_factor={self.factor:g} times its "
-        f"running average {self.average:.4g}"
-      )
-    self.average = loss if self.average is None else 0.9 * self.average + 0.1 * loss
-    return None
-
-
 def _check_config(config: ml_collections.ConfigDict, mesh, model_cfg) -> None:
   if config.data.packing:
     if config.train.grad_accum_steps > 1:
@@ -149,7 +129,7 @@ def _save_run_files(
   start_step: int,
   changed: dict | None,
 ) -> None:
-  checkpointing.write_model_config(workdir, model_cfg)
+  workdir_lib.write_model_config(workdir, model_cfg)
   if start_step == 0 or changed:
     resume.record_segment(workdir, start_step, config)
   if jax.process_index() != 0:
@@ -178,12 +158,76 @@ def _lock_workdir(workdir: Path) -> lock.WorkdirLock | None:
   return held
 
 
+class _DivergenceGuard:
+  """Whether every step since the last check had a finite loss and gradient norm, and a loss
+  under `factor` times its running average (0: finite only).
+
+  The flags, the running average and the first bad step stay on device (a few scalar ops per
+  step, no sync); `check` reads them at logging / evaluation / checkpoint steps. The loss of step
+  s is that of the parameters saved at step s - 1: a bad step s means a checkpoint of s - 1 (or
+  later) holds diverging weights, which `check` sets aside before it stops the run in one line.
+  """
+
+  def __init__(self, since: int, factor: float):
+    self._since = since
+    self._factor = factor
+    self._average = None  # Kept across checks.
+    self._ok = self._bad_value = self._bad_step = self._bad_spike = None
+
+  def update(self, metrics: dict[str, Any], step: int) -> None:
+    loss, grad_norm = metrics["loss"], metrics["grad_norm"]
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if self._average is None:
+      spike, average = jnp.zeros((), bool), loss
+    else:
+      spike = (self._factor > 0) & (loss > self._factor * self._average)
+      average = 0.9 * self._average + 0.1 * loss
+    ok = finite & ~spike
+    bad_value = jnp.where(jnp.isfinite(loss), grad_norm, loss)
+    bad_value = jnp.where(finite, loss, bad_value)
+    if self._ok is None:
+      self._ok, self._bad_value, self._bad_spike = ok, bad_value, spike & finite
+      self._bad_step = jnp.int32(step)
+    else:
+      first_bad = self._ok & ~ok
+      self._bad_value = jnp.where(first_bad, bad_value, self._bad_value)
+      self._bad_spike = jnp.where(first_bad, spike & finite, self._bad_spike)
+      self._bad_step = jnp.where(first_bad, step, self._bad_step)
+      self._ok = self._ok & ok
+    self._average = average if self._average is None else jnp.where(ok, average, self._average)
+
+  def check(self, step: int, manager, workdir: Path) -> None:
+    if self._ok is None:
+      return
+    if not bool(self._ok):
+      value, bad_step = float(self._bad_value), int(self._bad_step)
+      problem = f"loss became {value:.4g}" if math.isfinite(value) else f"loss became {value}"
+      if bool(self._bad_spike):
+        problem += (
+          f", over train.divergence_factor={self._factor:g} times its running average "
+          f"{float(self._average):.4g}"
+        )
+      set_aside = _set_aside_diverged(manager, workdir, bad_step - 1)
+      good = manager.latest_step()
+      kept = (
+        f"the last good checkpoint (step {good}) in {workdir_lib.checkpoint_dir(workdir)} is kept"
+        if good is not None
+        else "no checkpoint from before the divergence exists"
+      )
+      aside = f", diverged step(s) {set_aside} moved to diverged_checkpoints/" if set_aside else ""
+      raise TrainingError(
+        f"{problem} at step {bad_step}; stopping. {kept}{aside}; lower train.learning_rate or "
+        "check the data."
+      )
+    self._since, self._ok = step, None
+
+
 def _set_aside_diverged(manager, workdir: Path, from_step: int) -> list[int]:
   """Moves checkpoints of steps >= `from_step` (diverging weights) out of the way."""
   manager.wait_until_finished()
   bad = [s for s in sorted(manager.all_steps()) if s >= from_step]
   for s in bad:
-    checkpointing.move_aside(workdir, s, "diverged_checkpoints")
+    workdir_lib.move_aside(workdir, s, "diverged_checkpoints")
   manager.reload()
   return bad
 
@@ -201,14 +245,14 @@ def train_and_evaluate(
   """Trains (or resumes) a reward model as `config` says; returns the last logged metrics.
 
   Args:
-    config: a config from `configs/*.py` (see `jaxpref.train_config.base_config`).
+    config: a config from `configs/*.py` (see `jaxpref.training.config.base_config`).
     workdir: where checkpoints, logs, the effective config and the tokenizer go. A run started
       again with the same workdir resumes from its latest complete checkpoint.
     on_final_eval: called once, on every process, with the full reports of the final held-out
       evaluation, `{task: calibration_report}` plus `"all"` (see
-      `jaxpref.calibration.calibration_report`: reliability bins and every metric, of which
-      eval_final.json keeps the scalars). Not called when there is no final evaluation (a run
-      stopped early, `eval.final=False`, or no held-out items).
+      `jaxpref.evaluation.calibration.calibration_report`: reliability bins and every metric, of
+      which eval_final.json keeps the scalars). Not called when there is no final evaluation (a
+      run stopped early, `eval.final=False`, or no held-out items).
   """
   workdir = Path(workdir)
   if jax.process_index() == 0:
@@ -229,16 +273,9 @@ def _train(
   stop: _StopRequest,
   on_final_eval: Callable[[dict[str, dict[str, Any]]], None] | None,
 ) -> dict[str, Any]:
-  loss_cfg = objectives.LossConfig(
-    kind=config.loss.kind,
-    more_alpha=config.loss.more_alpha,
-    more_normalize=config.loss.more_normalize,
-    margin=config.loss.margin,
-    center_rewards_coef=config.loss.center_rewards_coef,
-  )
-  manager = checkpointing.make_manager(
+  train_step_lib.loss_config(config.loss)  # Bad loss settings fail here, before any data is read.
+  manager = workdir_lib.make_manager(
     workdir,
-    every_steps=config.checkpoint.every_steps,
     keep=config.checkpoint.keep,
     async_save=config.checkpoint.async_save,
   )
@@ -246,23 +283,17 @@ def _train(
   latest = manager.latest_step()
   changed = resume.check_resume(workdir, latest, config) if latest is not None else None
 
-  # --- Model and data. ------------------------------------------------------------------------
+  # --- Model, mesh, then data. ---------------------------------------------------------------
+  # The model config is settled (token ids from the tokenizer) before any data is read.
   model_cfg, loaded_params = load_model(config.model, seed=config.train.seed)
+  tokenizer = train_data.load_tokenizer(config)
+  model_cfg = train_data.settle_model_config(model_cfg, tokenizer)
   if latest is not None and (workdir / "model_config.json").is_file():
     resume.check_shapes(
-      reward_model.abstract_params(checkpointing.read_model_config(workdir)),
+      reward_model.abstract_params(workdir_lib.read_model_config(workdir)),
       reward_model.abstract_params(model_cfg),
       workdir,
     )
-  data = train_data.prepare(config, model_cfg)
-  model_cfg = data.model_cfg
-  num_tasks = len(data.task_names)
-  total_steps = data.num_steps
-  logging.info(
-    "Tasks %s; %d train steps of %d items", data.task_names, total_steps, config.train.batch_size
-  )
-
-  # --- Mesh and sharded state. ----------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   _check_config(config, mesh, model_cfg)
   logging.info(
@@ -271,26 +302,35 @@ def _train(
     jax.device_count(),
     jax.process_count(),
   )
-  optimizer, schedule = train_state.make_optimizer(config.train, total_steps)
-  rng = jax.random.PRNGKey(config.train.seed)
-  init_fn = functools.partial(train_state.init_state, model_cfg, optimizer, num_tasks)
-  abstract_state = jax.eval_shape(init_fn, rng)
-  state_shardings = train_state.state_shardings(model_cfg, abstract_state, mesh)
+  data = train_data.prepare(config, tokenizer, mesh)
+  num_tasks = len(data.task_names)
+  total_steps = data.num_steps
+  logging.info(
+    "Tasks %s; %d train steps of %d items", data.task_names, total_steps, config.train.batch_size
+  )
+
+  # --- Sharded state. -------------------------------------------------------------------------
+  program = train_step_lib.build_from_config(
+    config, model_cfg, num_tasks=num_tasks, total_steps=total_steps, mesh=mesh
+  )
+  # Initialised under jit straight into its shards: no host ever holds the full weights.
+  state = program.init(jax.random.PRNGKey(config.train.seed), loaded_params)
+  del loaded_params
 
   pipeline = data.train_pipeline
   restored = None
   if latest is not None:
-    abstract = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
-    restored = checkpointing.restore_intact(manager, workdir, abstract)
+    restored = workdir_lib.restore_intact(manager, workdir, program.abstract_sharded_state())
+  step = 0
   if restored is not None:
-    step, state, data_state = restored
+    _, state, data_state = restored
     step = int(jax.device_get(state.step))
     try:
       # The data position is the train state's step, on every process.
       pipeline.set_state(data_state, step=step, force=config.resume.force)
     except DataConfigError as e:
       raise DataConfigError(f"{e}; or --config.resume.force=True to continue anyway") from None
-    checkpointing.log_resume(step, workdir)
+    workdir_lib.log_resume(step, workdir)
     if changed:
       logging.warning(
         "Resuming with a changed config (recorded in config.%d.json): %s",
@@ -300,33 +340,11 @@ def _train(
     dropped = resume.drop_metrics_after(workdir, step)
     if dropped:
       logging.info("Dropped %d metrics.jsonl rows after step %d (replayed now).", dropped, step)
-  else:
-    if loaded_params is None:
-      # Initialised under jit straight into its shards: no host ever holds the full weights.
-      state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
-    else:
-      params = jax.device_put(loaded_params, state_shardings.params)
-      state = jax.jit(lambda r, p: init_fn(r, params=p), out_shardings=state_shardings)(rng, params)
-      del params
-    step = 0
-  del loaded_params
   _save_run_files(config, workdir, model_cfg, data.tokenizer, start_step=step, changed=changed)
   start_step = step
+  saved_step = step if restored is not None else None  # The newest step on disk (or in flight).
 
-  step_fn = jax.jit(
-    functools.partial(
-      train_step,
-      model_cfg=model_cfg,
-      loss_cfg=loss_cfg,
-      optimizer=optimizer,
-      schedule=schedule,
-      num_tasks=num_tasks,
-      grad_accum_steps=config.train.grad_accum_steps,
-    ),
-    in_shardings=(state_shardings, None),
-    out_shardings=(state_shardings, None),
-    donate_argnums=0,
-  )
+  step_fn = program.step_fn
   evaluator = evaluation.TrainEvaluator(
     model_cfg,
     data.eval_items,
@@ -339,66 +357,60 @@ def _train(
 
   # --- The loop. ------------------------------------------------------------------------------
   writer = MetricsWriter(workdir, purge_step=step + 1 if step else None)
-  guard = _DivergenceGuard(config.train.divergence_factor)
   last_logged: dict[str, Any] = {}
-  saved_step = step if restored is not None else None  # the newest step on disk (or in flight)
   progress = None
   if jax.process_index() == 0 and step < total_steps:
     from tqdm.auto import tqdm
 
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step")
   window_start, window_tokens, window_steps, window_flops = time.perf_counter(), 0.0, 0, 0.0
+  guard = _DivergenceGuard(since=step, factor=config.train.divergence_factor)
   device_kind = jax.devices()[0].device_kind
   try:
     while step < total_steps:
       if stop.should_stop(manager, step):
+        guard.check(step, manager, workdir)
         if step == saved_step:
           logging.warning("Stopped at step %d on request; its checkpoint is saved.", step)
         elif step == start_step:
           logging.warning("Stopped on request before the first step; nothing to save.")
         else:
-          checkpointing.save(manager, step, state, pipeline.get_state(), force=True)
+          workdir_lib.save(manager, step, state, pipeline.get_state(), force=True)
           saved_step = step
           logging.warning("Stopped at step %d on request; checkpoint saved.", step)
         break
-      local_batch = next(pipeline)
+      local_batch = next(pipeline)  # Padded or packed, as config.data.packing says.
       # Model FLOPs of the global batch, estimated from this process's share of it.
       window_flops += jax.process_count() * flops.train_flops(
-        model_cfg, local_batch["attention_mask"].sum(-1).ravel()
+        model_cfg, batch_lib.response_lengths(local_batch).ravel()
       )
-      if config.data.packing:
-        local_batch = train_data.pack_local_batch(local_batch, config.data.max_length, mesh)
       batch = train_data.global_batch(local_batch, mesh)
       state, metrics = step_fn(state, batch)
       step += 1
-      # Two scalars per step, fetched anyway for the progress bar: the divergence guard. They
-      # judge the parameters of step - 1, so a checkpoint of step - 1 holds diverging weights.
-      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-      problem = guard.problem(loss, grad_norm)
-      if problem is not None:
-        set_aside = _set_aside_diverged(manager, workdir, step - 1)
-        good = manager.latest_step()
-        kept = (
-          f"the last good checkpoint (step {good}) in {checkpointing.checkpoint_dir(workdir)} "
-          "is kept"
-          if good is not None
-          else "no checkpoint from before the divergence exists"
-        )
-        aside = (
-          f", diverged step(s) {set_aside} moved to diverged_checkpoints/" if set_aside else ""
-        )
-        raise TrainingError(
-          f"{problem} at step {step}; stopping. {kept}{aside}; lower train.learning_rate or "
-          "check the data."
-        )
+      # No host sync per step: the guard and the token count accumulate on device and are read
+      # at logging, evaluation and checkpoint steps only.
+      guard.update(metrics, step)
       if saved_step is not None and config.checkpoint.async_save:
-        checkpointing.check_saved(manager, saved_step)  # A failed background save, at once.
+        workdir_lib.check_saved(manager, saved_step)  # A failed background save, at once.
       window_steps += 1
-      window_tokens += float(metrics["tokens"])
+      window_tokens = window_tokens + metrics["tokens"]
       if progress is not None:
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}")
-      if step % config.train.log_every_steps == 0 or step == total_steps:
+      is_log_step = step % config.train.log_every_steps == 0 or step == total_steps
+      is_eval_step = (
+        config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps
+      )
+      is_save_step = workdir_lib.is_checkpoint_step(
+        step, config.checkpoint.every_steps, total_steps
+      )
+      if is_log_step or is_eval_step or is_save_step:
+        # Finite loss and gradients since the last check, so that no checkpoint saves
+        # non-finite parameters.
+        guard.check(step, manager, workdir)
+      if is_log_step:
+        if progress is not None:
+          progress.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+        window_tokens = float(window_tokens)
         elapsed = time.perf_counter() - window_start
         scalars = flatten_metrics(_host_metrics(metrics), data.task_names)
         scalars["step_time_s"] = elapsed / window_steps
@@ -411,17 +423,17 @@ def _train(
         last_logged = {"step": step, **scalars}
         window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
         window_flops = 0.0
-      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
+      if is_eval_step:
         eval_scalars = evaluator.evaluate(state.params)
         writer.write(step, eval_scalars)
-      if step % config.checkpoint.every_steps == 0 or step == total_steps:
+      if is_save_step:
         if saved_step is not None:
           # Orbax waits for the previous save anyway; a failure of it is reported as its own.
-          checkpointing.check_saved(manager, saved_step, wait=True)
-        checkpointing.save(manager, step, state, pipeline.get_state(), force=True)
+          workdir_lib.check_saved(manager, saved_step, wait=True)
+        workdir_lib.save(manager, step, state, pipeline.get_state(), force=True)
         saved_step = step
     if saved_step is not None:
-      checkpointing.check_saved(manager, saved_step, wait=True)
+      workdir_lib.check_saved(manager, saved_step, wait=True)
   finally:
     try:
       manager.wait_until_finished()

@@ -1,0 +1,1 @@
+"""Evaluation: the shared scorer, the trainer's evaluator, calibration, temperature and plots."""

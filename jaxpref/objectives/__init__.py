@@ -1,0 +1,1 @@
+"""Objectives: Bradley-Terry pair terms, MGDA weights (losses) and ranking / MultiTask / MORE."""
