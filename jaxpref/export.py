@@ -1,8 +1,12 @@
 """`python -m jaxpref.export --workdir=DIR [--step=N] --output=HF_DIR`: a trained RM to HF.
 
-Writes a `*ForSequenceClassification` directory (one label) with the run's tokenizer, which
-`transformers.AutoModelForSequenceClassification.from_pretrained(HF_DIR)` loads and which gives the
-same rewards as jaxpref; `jaxpref.score --model=HF_DIR` reads it back.
+Writes a `*ForSequenceClassification` directory (one label) with the run's tokenizer configured
+with its input contract (docs/what_the_model_sees.md), so that a plain
+`AutoTokenizer.from_pretrained(HF_DIR)(texts, truncation=True)` +
+`AutoModelForSequenceClassification.from_pretrained(HF_DIR)` (or a `text-classification` pipeline
+with `function_to_apply="none"`) gives the rewards jaxpref gives; `jaxpref.score --model=HF_DIR`
+reads it back. A model transformers cannot reproduce (a BERT with mean pooling, say) is refused
+unless `--nostrict`, which writes a checkpoint that only jaxpref scores faithfully.
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
 from absl import app, flags
 
 from jaxpref import cli
@@ -27,6 +29,12 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A jaxpref training workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("output", None, "Directory to write the Hugging Face checkpoint to.")
+  flags.DEFINE_boolean(
+    "strict",
+    True,
+    "Refuse a model that transformers would score differently (e.g. a BERT with mean "
+    "pooling); --nostrict writes it anyway, for jaxpref (`jaxpref.score --model=`) only.",
+  )
   flags.DEFINE_boolean(
     "adapter",
     False,
@@ -52,7 +60,12 @@ def _base_model_path(workdir: Path) -> str:
 
 
 def export(
-  workdir: str | Path, output: str | Path, step: int | None = None, *, adapter: bool = False
+  workdir: str | Path,
+  output: str | Path,
+  step: int | None = None,
+  *,
+  strict: bool = True,
+  adapter: bool = False,
 ) -> int:
   """Exports a checkpoint of `workdir` to `output`; returns the exported step.
 
@@ -60,34 +73,47 @@ def export(
   `adapter=True` as a PEFT adapter directory for the run's base checkpoint. The run's held-out
   reward statistics (`reward_stats.json`, if any) go into the export.
   """
-  from jaxpref.models import hf_io, lora, peft_io
-  from jaxpref.models.source import load_for_inference
+  import jax
+
+  from jaxpref.data import contract as input_contract
+  from jaxpref.models import hf_io, lora, peft_io, registry
+  from jaxpref.models.source import load_for_inference, load_tokenizer_and_contract
 
   workdir = Path(workdir)
-  cfg, params, tokenizer_path, step = load_for_inference(workdir=str(workdir), step=step)
-  params = jax.tree.map(np.asarray, jax.device_get(params))
+  cfg, params, _, step = load_for_inference(workdir=str(workdir), step=step)
+  reason = registry.get(cfg.arch).why_incompatible(cfg)
+  if strict and reason:
+    fix = "model.pooling=pooler" if cfg.arch == "bert" else "model.pooling=last"
+    raise hf_io.CheckpointError(
+      f"{reason}: transformers would give other rewards. Train with --config.{fix} for a "
+      "checkpoint transformers reproduces, or pass --nostrict to export one that only jaxpref "
+      "scores faithfully (jaxpref.score --model=OUTPUT)"
+    )
+  tokenizer, contract = load_tokenizer_and_contract(cfg, workdir=str(workdir))
+  cfg = cfg.replace(pad_token_id=contract.pad_id)
   if adapter:
     if cfg.lora is None:
       raise hf_io.CheckpointError(f"--adapter: {workdir} is not a LoRA run (lora.rank=0)")
-    peft_io.save_adapter(
-      output, cfg, params, base_model=_base_model_path(workdir), tokenizer=tokenizer_path
-    )
+    peft_io.save_adapter(output, cfg, params, base_model=_base_model_path(workdir))
   else:
-    cfg, params = lora.merge(cfg, params)
-    hf_io.save_hf(output, cfg, params, tokenizer_path)
-  for name in ("temperature.json",):
-    if (workdir / name).is_file():
-      shutil.copy(workdir / name, Path(output) / name)
-  stats = reward_stats.read(workdir)
-  if stats is not None:
-    reward_stats.add_to_hf_config(output, stats)
+    # save_hf gathers sharded (also multi-process) arrays itself; process 0 writes the files.
+    cfg, params = lora.merge(cfg, params)  # LoRA: adapters folded into the kernels.
+    hf_io.save_hf(output, cfg, params, None, pad_token_id=contract.pad_id, strict=strict)
+  if jax.process_index() == 0:
+    input_contract.save_tokenizer(tokenizer, output, contract)
+    for name in ("temperature.json",):
+      if (workdir / name).is_file():
+        shutil.copy(workdir / name, Path(output) / name)
+    stats = reward_stats.read(workdir)
+    if stats is not None:
+      reward_stats.add_to_hf_config(output, stats)
   return step
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  step = export(FLAGS.workdir, FLAGS.output, FLAGS.step, adapter=FLAGS.adapter)
+  step = export(FLAGS.workdir, FLAGS.output, FLAGS.step, strict=FLAGS.strict, adapter=FLAGS.adapter)
   print(f"jaxpref.export: step {step} of {FLAGS.workdir} -> {FLAGS.output}", file=sys.stderr)
 
 

@@ -259,7 +259,9 @@ def merge(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
   """A plain model: each kernel plus its `(alpha / rank) A B`, adapters dropped (host arrays)."""
   if cfg.lora is None:
     return cfg, params
-  params = jax.tree.map(np.asarray, jax.device_get(params))
+  from jaxpref.models.convert import to_numpy  # gathers sharded (multi-process) arrays
+
+  params = to_numpy(params)
 
   def fold(node):
     if not isinstance(node, dict):

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxpref.models import hf_io, lora
+from jaxpref.models import convert, hf_io, lora, registry
 from jaxpref.models.config import ModelConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -58,9 +58,8 @@ def _layers_of(node: dict, kernel_ndim: int) -> int | None:
 
 def adapter_tensors(cfg: ModelConfig, params: dict) -> tuple[dict[str, np.ndarray], list[str]]:
   """PEFT's adapter tensors (without the head) and the HF module names they adapt."""
-  module = hf_io._module(cfg.arch)
-  params = hf_io.to_numpy(params)
-  base_hf = module.params_to_hf(lora.without_adapters(params)["backbone"], cfg)
+  params = convert.to_numpy(params)
+  base_hf = registry.get(cfg.arch).params_to_hf(lora.without_adapters(params), cfg)
   tensors, modules = {}, []
   for path, node in lora.adapter_modules(params["backbone"]):
     kernel = node["kernel"]
@@ -105,13 +104,12 @@ def save_adapter(
 
   if cfg.lora is None:
     raise hf_io.CheckpointError("--adapter needs a LoRA run (lora.rank > 0); this run has none")
-  module = hf_io._module(cfg.arch)
-  reason = getattr(module, "hf_incompatibility", lambda _: None)(cfg)
+  arch = registry.get(cfg.arch)
+  reason = arch.why_incompatible(cfg)
   if reason:
     raise hf_io.CheckpointError(f"--adapter: {reason}; transformers would give different rewards")
   tensors, modules = adapter_tensors(cfg, params)
-  head_to_hf = getattr(module, "head_params_to_hf", hf_io.score_head_to_hf)
-  head = head_to_hf(hf_io.to_numpy(params), cfg)
+  head = (arch.head_to_hf or convert.score_head_to_hf)(convert.to_numpy(params), cfg)
   tensors |= {f"{PEFT_PREFIX}{k}": np.ascontiguousarray(v) for k, v in head.items()}
   config = {
     "peft_type": "LORA",
@@ -187,8 +185,7 @@ def load_adapter(path: str | Path, *, base_model: str | None = None) -> tuple[Mo
   }
   scale = float(config["lora_alpha"]) / float(config["r"])
   params = _add_deltas(cfg, params, tensors, scale, where=str(directory))
-  module = hf_io._module(cfg.arch)
-  head_from_hf = getattr(module, "head_params_from_hf", hf_io.score_head_from_hf)
+  head_from_hf = registry.get(cfg.arch).head_from_hf or convert.score_head_from_hf
   head = head_from_hf(
     {k.replace(".modules_to_save.default", ""): v for k, v in tensors.items()}, cfg
   )
