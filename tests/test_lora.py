@@ -96,6 +96,12 @@ def test_targets_by_name_and_clear_errors():
   cfg = _cfg("llama", lora=lora.LoraConfig(rank=2, targets=("q_proj", "wq")))
   with pytest.raises(ValueError, match=r"wq matches no dense layer of model.arch='llama'"):
     reward_model.abstract_params(cfg)
+  # A mixture-of-experts MLP: the router stays frozen (its experts are not dense layers).
+  moe = _cfg("llama", lora=lora.LoraConfig(rank=2)).replace(
+    arch="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16
+  )
+  adapted = {path[-1] for path, _ in lora.adapter_modules(reward_model.abstract_params(moe))}
+  assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
   with pytest.raises(ValueError, match="lora.rank"):
     lora.LoraConfig(rank=0)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,10 @@ GROUPS = {
   "mlp": ("mlp", "ffn", "feed_forward", "moe"),
 }
 DEFAULT_TARGETS = ("attention", "mlp")
+# Mixture-of-experts routers stay frozen under the groups (adapting one changes the routing); name
+# one explicitly to adapt it. Experts stored as stacked einsum weights are not dense layers and
+# get no adapters.
+ROUTER_NAMES = ("gate", "router")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +115,10 @@ def matches(target: str, path: Sequence[str]) -> bool:
   """Whether the dense layer at `path` (module names below `backbone`) is named by `target`."""
   parents = [p.lower() for p in path[:-1]]
   if target == "all":
-    return True
+    return path[-1] not in ROUTER_NAMES
   if target in GROUPS:
+    if path[-1] in ROUTER_NAMES:
+      return False
     return any(key in p for p in parents for key in GROUPS[target])
   tail = tuple(target.split("."))
   return tuple(path[-len(tail) :]) == tail
@@ -217,8 +224,17 @@ def adapters(cfg: ModelConfig) -> Iterator[Matches]:
 
 
 def check_targets(cfg: ModelConfig, matched: Matches) -> None:
-  """Raises if a `lora.targets` entry named no dense layer of the backbone."""
+  """Raises if a named `lora.targets` entry matched no dense layer of the backbone.
+
+  A group (`attention`, `mlp`, `all`) that matches nothing only warns: e.g. the MLP of a
+  mixture-of-experts model has no dense layer but its router.
+  """
   missing = [t for t in cfg.lora.targets if t not in matched.targets]
+  for group in [t for t in missing if t in GROUPS or t == "all"]:
+    logging.warning("lora.targets: %r matches no dense layer of model.arch=%r", group, cfg.arch)
+  missing = [t for t in missing if t not in GROUPS and t != "all"]
+  if not matched.targets and not missing:
+    missing = list(cfg.lora.targets)
   if missing:
     raise ValueError(
       f"lora.targets={','.join(cfg.lora.targets)}: {', '.join(missing)} matches no dense layer "
