@@ -240,9 +240,9 @@ TEXTS = [
 
 
 def _hf_rewards(torch, model, tokenizer):
-  enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+  # One text per call: the exported tokenizer's plain call, no padding (the input contract).
   with torch.no_grad():
-    return model(**enc).logits[:, 0].numpy(), enc
+    return np.array([model(**tokenizer(t, return_tensors="pt")).logits[0, 0] for t in TEXTS])
 
 
 def test_lora_run_exports_merged_and_peft_adapter(torch, llama_base, tmp_path):
@@ -272,7 +272,7 @@ def test_lora_run_exports_merged_and_peft_adapter(torch, llama_base, tmp_path):
   assert stats["count"] > 0 and stats["std"] > 0 and stats["step"] == 2
 
   # The base weights are bit-identical to the checkpoint's; the adapters moved.
-  cfg, params, tokenizer_path, _ = load_for_inference(workdir=str(workdir))
+  cfg, params, _, _ = load_for_inference(workdir=str(workdir))
   assert cfg.lora == lora.LoraConfig(rank=4, alpha=8.0)
   _, base_params = hf_io.load_hf(llama_base)
   ours_flat, base_flat = _flat(params), _flat(base_params)
@@ -281,17 +281,17 @@ def test_lora_run_exports_merged_and_peft_adapter(torch, llama_base, tmp_path):
       np.testing.assert_array_equal(ours_flat[path], value, err_msg=path)
   assert any(np.abs(v).max() > 0 for p, v in ours_flat.items() if p.endswith("lora_b"))
 
-  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
-  tokenizer.pad_token = tokenizer.eos_token
-  enc = tokenizer(TEXTS, padding=True, return_tensors="np")
-  ours, _ = score_fn(cfg, params, enc["input_ids"], enc["attention_mask"])
-  ours = np.asarray(ours)
-
   # Merged: a plain checkpoint that transformers reads, with the reward statistics in its config.
   merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
   export.export(workdir, merged_dir)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(merged_dir)
+  ours = []
+  for text in TEXTS:
+    enc = tokenizer(text, return_tensors="np")
+    ours.append(np.asarray(score_fn(cfg, params, enc["input_ids"], enc["attention_mask"])[0])[0])
+  ours = np.array(ours)
   merged = transformers.AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
-  np.testing.assert_allclose(_hf_rewards(torch, merged, tokenizer)[0], ours, atol=1e-4)
+  np.testing.assert_allclose(_hf_rewards(torch, merged, tokenizer), ours, atol=1e-4)
   config = json.loads((merged_dir / "config.json").read_text())
   assert (config["mean"], config["std"]) == (stats["mean"], stats["std"])
 
@@ -300,9 +300,13 @@ def test_lora_run_exports_merged_and_peft_adapter(torch, llama_base, tmp_path):
   assert json.loads((adapter_dir / reward_stats.FILE).read_text())["mean"] == stats["mean"]
   adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
   assert adapter_config["modules_to_save"] == ["score"] and adapter_config["r"] == 4
-  base = transformers.AutoModelForSequenceClassification.from_pretrained(llama_base, num_labels=1)
+  # The base's config.json says pad = EOS; the run's input contract pads with another token, so
+  # transformers must be told (else it skips the EOS the contract appends and pools one earlier).
+  base = transformers.AutoModelForSequenceClassification.from_pretrained(
+    llama_base, num_labels=1, pad_token_id=tokenizer.pad_token_id
+  )
   model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
-  np.testing.assert_allclose(_hf_rewards(torch, model, tokenizer)[0], ours, atol=1e-4)
+  np.testing.assert_allclose(_hf_rewards(torch, model, tokenizer), ours, atol=1e-4)
 
   # jaxpref.score reads the adapter dir (base + adapters + head) and normalises with its stats.
   data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
