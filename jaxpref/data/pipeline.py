@@ -223,6 +223,7 @@ def build_train_pipeline(
   truncation_side: str = "left",
   padding_side: str = "right",
   special_tokens: str = "auto",
+  contract: Any = None,
   num_threads: int = 2,
   prefetch: int = 4,
   packing_row_length: int = 0,
@@ -251,6 +252,8 @@ def build_train_pipeline(
       score -1 and an all-zero mask; an item with more is an error.
     buckets: allowed padded lengths, ending at `max_length`; default powers of two from 32.
     truncation_side, padding_side, special_tokens: see `TokenizeOptions`.
+    contract: a `jaxpref.data.contract.InputContract`; when given it decides the length, sides
+      and special tokens instead of the four arguments above.
     num_threads, prefetch: grain threads and batches prefetched.
     packing_row_length: 0 for padded batches; else pack every batch into rows of this many
       tokens (`jaxpref.data.packing`).
@@ -268,13 +271,17 @@ def build_train_pipeline(
     raise errors.DataConfigError(f"process_index={process_index} must be in [0, {process_count})")
   if global_batch_size < 1:
     raise errors.DataConfigError(f"global_batch_size={global_batch_size} must be >= 1")
-  options = TokenizeOptions(
-    max_length=max_length,
-    truncation_side=truncation_side,
-    padding_side=padding_side,
-    special_tokens=special_tokens,
-    buckets=tuple(buckets) if buckets else None,
-  )
+  if contract is not None:
+    options = contract.tokenize_options(tuple(buckets) if buckets else None)
+  else:
+    options = TokenizeOptions(
+      max_length=max_length,
+      truncation_side=truncation_side,
+      padding_side=padding_side,
+      special_tokens=special_tokens,
+      buckets=tuple(buckets) if buckets else None,
+    )
+  max_length, padding_side = options.max_length, options.padding_side
   names, lists = as_task_lists(tasks)
   tokenized = []
   for name, items in zip(names, lists):
@@ -292,6 +299,7 @@ def build_train_pipeline(
       where = f"item {i}" if isinstance(items, TokenizedItems) else items[i].where
       raise errors.DataConfigError(
         f"task {name!r} ({where}) has {most} responses but responses_per_item={responses_per_item}"
+        " (data.responses_per_item in a training config; 0 = the largest)"
       )
     if int(tok.item_lengths.max()) > max_length:
       raise errors.DataConfigError(

@@ -24,10 +24,13 @@ from absl import logging
 
 from jaxpref import sharding
 from jaxpref.data import batch as batch_lib
+from jaxpref.data import contract as input_contract
 from jaxpref.data.errors import DataConfigError
 from jaxpref.evaluation import evaluator as evaluation
+from jaxpref.evaluation import scoring
 from jaxpref.models import reward_model
 from jaxpref.models.source import load_model
+from jaxpref.training import config as train_config
 from jaxpref.training import data as train_data
 from jaxpref.training import flops, lock, resume
 from jaxpref.training import step as train_step_lib
@@ -124,7 +127,7 @@ def _save_run_files(
   config: ml_collections.ConfigDict,
   workdir: Path,
   model_cfg,
-  tokenizer,
+  data,
   *,
   start_step: int,
   changed: dict | None,
@@ -134,9 +137,10 @@ def _save_run_files(
     resume.record_segment(workdir, start_step, config)
   if jax.process_index() != 0:
     return
+  data.contract.write(workdir)
   tokenizer_dir = workdir / "tokenizer"
   if not tokenizer_dir.exists():
-    tokenizer.save_pretrained(str(tokenizer_dir))
+    input_contract.save_tokenizer(data.tokenizer, tokenizer_dir, data.contract)
 
 
 def _lock_workdir(workdir: Path) -> lock.WorkdirLock | None:
@@ -254,6 +258,7 @@ def train_and_evaluate(
       which eval_final.json keeps the scalars). Not called when there is no final evaluation (a
       run stopped early, `eval.final=False`, or no held-out items).
   """
+  train_config.validate(config)
   workdir = Path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -284,9 +289,22 @@ def _train(
   changed = resume.check_resume(workdir, latest, config) if latest is not None else None
 
   # --- Model, mesh, then data. ---------------------------------------------------------------
-  # The model config is settled (token ids from the tokenizer) before any data is read.
-  model_cfg, loaded_params = load_model(config.model, seed=config.train.seed)
+  # The mesh comes first so that each process reads only its own slices of a checkpoint; the
+  # model config is settled (token ids from the tokenizer) before any data is read.
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  model_cfg, loaded_params = load_model(config.model, seed=config.train.seed, mesh=mesh)
+  train_config.check_lengths(config, model_cfg)
+  if loaded_params is not None and (bad := scoring.non_finite_leaves(loaded_params)):
+    # Otherwise the first step's loss is NaN and the message blames the learning rate.
+    from jaxpref.models.hf_io import CheckpointError
+
+    raise CheckpointError(
+      f"model.path={config.model.path}: the checkpoint's weights are not finite ({len(bad)} "
+      f"arrays with NaN/inf, first {bad[0]})"
+    )
   tokenizer = train_data.load_tokenizer(config)
+  # The input contract (what the model sees) is decided once, here, and stored with the run.
+  contract = train_data.configure_input(config, tokenizer, model_cfg)
   model_cfg = train_data.settle_model_config(model_cfg, tokenizer)
   if latest is not None and (workdir / "model_config.json").is_file():
     resume.check_shapes(
@@ -294,7 +312,6 @@ def _train(
       reward_model.abstract_params(model_cfg),
       workdir,
     )
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   _check_config(config, mesh, model_cfg)
   logging.info(
     "Mesh %s over %d devices (%d processes)",
@@ -302,7 +319,7 @@ def _train(
     jax.device_count(),
     jax.process_count(),
   )
-  data = train_data.prepare(config, tokenizer, mesh)
+  data = train_data.prepare(config, tokenizer, mesh, contract=contract)
   num_tasks = len(data.task_names)
   total_steps = data.num_steps
   logging.info(
@@ -340,7 +357,7 @@ def _train(
     dropped = resume.drop_metrics_after(workdir, step)
     if dropped:
       logging.info("Dropped %d metrics.jsonl rows after step %d (replayed now).", dropped, step)
-  _save_run_files(config, workdir, model_cfg, data.tokenizer, start_step=step, changed=changed)
+  _save_run_files(config, workdir, model_cfg, data, start_step=step, changed=changed)
   start_step = step
   saved_step = step if restored is not None else None  # The newest step on disk (or in flight).
 
@@ -350,9 +367,8 @@ def _train(
     data.eval_items,
     data.tokenizer,
     batch_size=config.eval.batch_size,
-    max_length=config.data.max_length,
     min_bucket=config.data.min_bucket,
-    truncation_side=config.data.truncation_side,
+    contract=data.contract,
   )
 
   # --- The loop. ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ reported in one line and skipped for the newest intact one; see docs/preemption.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -174,17 +175,6 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   return restored["state"], dict(restored["data"] or {})
 
 
-def _restore_args(target: Any) -> Any:
-  return jax.tree.map(
-    lambda x: (
-      ocp.ArrayRestoreArgs(sharding=x.sharding)
-      if getattr(x, "sharding", None)
-      else ocp.RestoreArgs(restore_type=None)
-    ),
-    target,
-  )
-
-
 def _agree(ok: bool) -> bool:
   """True when `ok` holds on every process (a restore that failed on one fails on all)."""
   if jax.process_count() == 1:
@@ -256,6 +246,15 @@ def restore(
   return (step, *_restore_step(manager, step, abstract_state))
 
 
+def _restore_args(target: Any) -> Any:
+  # Unsharded leaves go to the first local device. Giving every leaf a sharding also keeps Orbax
+  # from reading the saved one, which it warns is unsafe on a different topology.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+    lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or device), target
+  )
+
+
 def _restore_params_step(manager: ocp.CheckpointManager, step: int, abstract_params: Any):
   # Only `params` is read: the optimizer state (twice the parameters' size) stays on disk.
   target = {"params": abstract_params}
@@ -276,7 +275,8 @@ def restore_params(workdir: str | Path, step: int | None, abstract_params: Any) 
   stderr and skipped (left where it is: eval and export never write to a workdir). A damaged
   `step` asked for explicitly is a `CheckpointDamagedError`.
   """
-  manager = make_manager(workdir, keep=0, async_save=False, read_only=True)
+  with _orbax_warnings_off():  # "read only" warnings about the read-only manager we asked for.
+    manager = make_manager(workdir, keep=0, async_save=False, read_only=True)
   have = sorted(manager.all_steps())
   if step is not None and step not in have:
     raise CheckpointNotFoundError(
@@ -296,6 +296,17 @@ def restore_params(workdir: str | Path, step: int | None, abstract_params: Any) 
       raise CheckpointDamagedError(f"{message}; intact steps may be among {have}")
     print(f"warning: {message}; trying an older one", file=sys.stderr)
   raise CheckpointDamagedError(f"every checkpoint in {checkpoint_dir(workdir)} is damaged")
+
+
+@contextlib.contextmanager
+def _orbax_warnings_off():
+  """Orbax logs through absl; its warnings about options we chose on purpose are noise."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
 
 
 def write_model_config(workdir: str | Path, cfg: ModelConfig) -> None:
