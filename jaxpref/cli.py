@@ -82,12 +82,15 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   from jaxpref.data import errors as data_errors
   from jaxpref.evaluation import scoring
   from jaxpref.training import config as train_config
+  from jaxpref.training import lock, resume
   from jaxpref.training import workdir as workdir_lib
 
   types = [
     data_errors.DataError,
     workdir_lib.CheckpointNotFoundError,
     sharding.MeshError,
+    lock.WorkdirBusyError,
+    resume.ResumeConfigError,
     FileNotFoundError,
     IsADirectoryError,
     scoring.RewardError,
@@ -100,6 +103,21 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   except (ImportError, AttributeError):
     pass
   return tuple(types)
+
+
+class _NoLibraryTracebacks(std_logging.Filter):
+  """Keeps the line, drops the traceback, of errors that Orbax logs from its save threads: the
+  program reports the failure itself, in one line naming the step (see
+  `jaxpref.training.workdir.save`)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.exc_info and "/orbax/" in (record.pathname or ""):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def quiet_library_tracebacks() -> None:
+  std_logging.getLogger("absl").addFilter(_NoLibraryTracebacks())
 
 
 def run_main(program: str, main_fn, argv) -> None:

@@ -1,9 +1,13 @@
 """`python -m jaxpref.eval`: accuracy and calibration of a reward model, per data file.
 
   python -m jaxpref.eval --model=HF_DIR | --workdir=DIR [--step=N] --data=FILE [--data=FILE ...]
-      --output=OUT [--max_length=N] [--on_error=raise|skip] [--fit_temperature]
+      --output=OUT [--max_length=N] [--truncation_side=left|right] [--special_tokens=MODE]
+      [--on_error=raise|skip] [--fit_temperature]
 
-Writes OUT/report.json (one entry per data file, keyed by its name without extension, and `all`),
+The model's input contract decides what it sees (docs/what_the_model_sees.md): a workdir's or
+export's stored one, or for an external checkpoint what transformers does with its tokenizer;
+the contract flags override parts of it. Writes OUT/report.json (one entry per data file, keyed
+by its name without extension, and `all`, plus `run`: the model, step and contract used),
 OUT/report.md (a table) and OUT/reliability_<name>.png. Rewards come from the compiled scoring
 function that training and `jaxpref.score` use.
 """
@@ -30,13 +34,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step with --workdir (default: the latest).")
   flags.DEFINE_multi_string("data", [], "Preference data file(s); repeat the flag for several.")
   flags.DEFINE_string("output", None, "Output directory.")
-  flags.DEFINE_integer("max_length", 512, "Token length; longer texts are truncated.")
-  flags.DEFINE_enum(
-    "truncation_side",
-    "left",
-    ["left", "right"],
-    "Which end of a long text is cut (left keeps the response, as in training).",
-  )
+  define_contract_flags()
   flags.DEFINE_integer("batch_size", 32, "Items per batch.")
   flags.DEFINE_string("format", "auto", "Data format (see docs/data.md); auto-detected by default.")
   flags.DEFINE_enum(
@@ -61,6 +59,51 @@ def define_flags() -> None:
   flags.DEFINE_float(
     "temperature_fraction", 0.5, "Fraction of items (by prompt hash) used to fit the temperature."
   )
+
+
+def define_contract_flags() -> None:
+  """Overrides of the model's input contract, shared by `jaxpref.eval` and `jaxpref.score`."""
+  from jaxpref.data.tokenize import SPECIAL_TOKENS
+
+  flags.DEFINE_integer(
+    "max_length", None, "Token length, special tokens included (default: the model's contract)."
+  )
+  flags.DEFINE_enum(
+    "truncation_side",
+    None,
+    ["left", "right"],
+    "Which end of a long text is cut (default: the model's contract).",
+  )
+  flags.DEFINE_enum(
+    "special_tokens",
+    None,
+    list(SPECIAL_TOKENS),
+    "Special tokens around each text (default: the model's contract; see "
+    "docs/what_the_model_sees.md).",
+  )
+
+
+def contract_from_flags(cfg, *, model=None, workdir=None, flag_values=FLAGS):
+  """`(tokenizer, contract)` of the model, with the contract flags applied."""
+  from jaxpref.data import contract as input_contract
+  from jaxpref.data.errors import DataConfigError
+  from jaxpref.models.source import load_tokenizer_and_contract
+
+  tokenizer, contract = load_tokenizer_and_contract(cfg, model=model, workdir=workdir)
+  contract = input_contract.override(
+    contract,
+    tokenizer,
+    max_length=flag_values.max_length,
+    truncation_side=flag_values.truncation_side,
+    special_tokens=flag_values.special_tokens,
+  )
+  if contract.max_length > cfg.max_position_embeddings:
+    raise DataConfigError(
+      f"max_length={contract.max_length} exceeds the model's max_position_embeddings="
+      f"{cfg.max_position_embeddings}"
+    )
+  logging.info("input contract: %s", contract.describe())
+  return tokenizer, contract
 
 
 TABLE_COLUMNS = (
@@ -101,16 +144,26 @@ def evaluate_files(
   data_files: list[str],
   output: str | Path,
   *,
-  max_length: int,
   batch_size: int,
   on_error: str,
+  contract=None,
+  max_length: int | None = None,
   on_tie: str = "keep",
   data_format: str = "auto",
   truncation_side: str = "left",
   n_bootstrap: int = 1000,
   temperature: float = 1.0,
+  run: dict[str, Any] | None = None,
+  progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
-  """Scores each file, writes report.json / report.md / reliability PNGs, returns the reports."""
+  """Scores each file, writes report.json / report.md / reliability PNGs, returns the reports.
+
+  Args:
+    contract: the model's `InputContract` (`models.source.load_tokenizer_and_contract`); without
+      it, `max_length` and `truncation_side` with special_tokens=auto.
+    run: what report.json records under `run` (model, step); the contract is added.
+    progress: show a progress bar per file.
+  """
   from jaxpref.data import reader
   from jaxpref.evaluation import evaluator as evaluation
   from jaxpref.evaluation import plots
@@ -133,8 +186,11 @@ def evaluate_files(
       batch_size=batch_size,
       max_length=max_length,
       truncation_side=truncation_side,
+      contract=contract,
     )
-    rewards_bn, scores_bn = evaluation.collect_rewards(cfg, params, batches)
+    rewards_bn, scores_bn = evaluation.collect_rewards(
+      cfg, params, batches, progress=name if progress else None
+    )
     reports[name] = evaluation.report_for(
       rewards_bn, scores_bn, n_bootstrap=n_bootstrap, temperature=temperature
     )
@@ -151,7 +207,10 @@ def evaluate_files(
     plots.reliability_diagram(
       report, output / f"reliability_{name}.png", title=f"{name}: ECE-10 {report['ece_10']:.3f}"
     )
-  (output / "report.json").write_text(json.dumps(reports, indent=2))
+  run = dict(run or {})
+  if contract is not None:
+    run["contract"] = contract.to_dict()
+  (output / "report.json").write_text(json.dumps({**reports, "run": run}, indent=2))
   (output / "report.md").write_text(markdown_table(reports))
   return reports
 
@@ -183,8 +242,7 @@ def fit_and_store_temperature(
       items,
       tokenizer,
       batch_size=kwargs["batch_size"],
-      max_length=kwargs["max_length"],
-      truncation_side=kwargs["truncation_side"],
+      contract=kwargs["contract"],
     )
     scored[name] = evaluation.collect_rewards(cfg, params, batches)
   fit = temperature.fit_temperature(*scored["fit"])
@@ -213,23 +271,30 @@ def main(argv) -> None:
     raise app.UsageError("--data is required (repeat it for several files)")
   if not FLAGS.output:
     raise app.UsageError("--output is required")
-  from jaxpref.data.tokenize import load_tokenizer
   from jaxpref.models.source import load_for_inference
 
-  cfg, params, tokenizer_path, step = load_for_inference(
+  cfg, params, _, step = load_for_inference(
     model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step
   )
-  tokenizer = load_tokenizer(tokenizer_path)
+  tokenizer, contract = contract_from_flags(cfg, model=FLAGS.model, workdir=FLAGS.workdir)
   options = dict(
-    max_length=FLAGS.max_length,
+    contract=contract,
     batch_size=FLAGS.batch_size,
     on_error=FLAGS.on_error,
     on_tie=FLAGS.on_tie,
     data_format=FLAGS.format,
-    truncation_side=FLAGS.truncation_side,
   )
+  run = {"model": FLAGS.model, "workdir": FLAGS.workdir, "step": step}
   reports = evaluate_files(
-    cfg, params, tokenizer, FLAGS.data, FLAGS.output, n_bootstrap=FLAGS.n_bootstrap, **options
+    cfg,
+    params,
+    tokenizer,
+    FLAGS.data,
+    FLAGS.output,
+    n_bootstrap=FLAGS.n_bootstrap,
+    run=run,
+    progress=True,
+    **options,
   )
   if FLAGS.fit_temperature:
     result = fit_and_store_temperature(

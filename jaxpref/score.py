@@ -5,9 +5,14 @@ Each input line is a JSON object, written back with what was computed added:
   {"text": ["...", "..."]}                -> + "rewards"
   {"prompt": "...", "responses": [...]}   -> + "rewards", "best_index" (best-of-n / rejection
                                              sampling: the response with the highest reward)
-Text is tokenised as `AutoTokenizer.from_pretrained(DIR)(text, truncation=True, max_length=N)`, so
-rewards match transformers' `AutoModelForSequenceClassification` on the same checkpoint. Batches
-are sorted by length and padded to a few length buckets: one compilation per bucket.
+Text is tokenised by the model's input contract (docs/what_the_model_sees.md): for a jaxpref
+workdir or export the one it was trained with, for another Hugging Face checkpoint what
+`AutoTokenizer.from_pretrained(DIR)(text, truncation=True, max_length=N)` gives; either way the
+rewards match transformers' `AutoModelForSequenceClassification` on the exported / same
+checkpoint. `--max_length`, `--truncation_side` and `--special_tokens` override parts of it.
+Best-of-n records whose responses become identical once truncated are counted in the summary
+(`identical_after_truncation`): their rewards tie. Batches are sorted by length and padded to a
+few length buckets: one compilation per bucket.
 """
 
 from __future__ import annotations
@@ -33,12 +38,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step with --workdir (default: the latest).")
   flags.DEFINE_string("data", None, "Input JSON-lines file (.jsonl or .jsonl.gz).")
   flags.DEFINE_string("output", None, "Output JSON-lines file.")
-  flags.DEFINE_integer(
-    "max_length",
-    None,
-    "Truncation length (default: the tokenizer's "
-    "model_max_length, capped at the model's max_position_embeddings).",
-  )
+  from jaxpref.eval import define_contract_flags
+
+  define_contract_flags()
   flags.DEFINE_integer("batch_size", 16, "Sequences per batch.")
   flags.DEFINE_string(
     "template",
@@ -136,14 +138,31 @@ def score_records(
   tokenizer,
   records,
   *,
-  max_length: int,
   template: str,
   on_error: str,
   source: str,
+  contract=None,
+  max_length: int | None = None,
   temperature: float = 1.0,
   progress: bool = False,
 ) -> tuple[list[dict], Counter]:
-  """Adds rewards to each record (see module docstring); returns the output records and skips."""
+  """Adds rewards to each record (see module docstring); returns the output records and skips.
+
+  Args:
+    contract: the model's `InputContract` (`models.source.load_tokenizer_and_contract`); without
+      it, what transformers does with `tokenizer` and `max_length` (default: the tokenizer's).
+
+  Returns:
+    The output records and a Counter of skipped records by reason, plus `truncated` (texts cut)
+    and `identical_after_truncation` (best-of-n records with distinct responses that tie once cut).
+  """
+  from jaxpref.data import contract as input_contract
+  from jaxpref.data.tokenize import encode_texts
+
+  if contract is None:
+    contract = input_contract.for_checkpoint(tokenizer, scorer.cfg)
+    if max_length:
+      contract = contract.replace(max_length=max_length)
   skipped: Counter = Counter()
   parsed = []
   for line_no, record in records:
@@ -157,11 +176,15 @@ def score_records(
   flat_texts = [t for _, _, texts in parsed for t in texts]
   if not flat_texts:
     return [], skipped
-  encoded = tokenizer(flat_texts, truncation=True, max_length=max_length)["input_ids"]
+  encoded, cut = encode_texts(flat_texts, tokenizer, contract.tokenize_options())
   rewards = scorer.score_token_ids(encoded, progress=progress) / temperature
+  skipped["truncated"] += int(cut.sum())
   outputs, offset = [], 0
   for record, kind, texts in parsed:
     values = [float(r) for r in rewards[offset : offset + len(texts)]]
+    rows = {encoded[i].tobytes() for i in range(offset, offset + len(texts))}
+    if kind == "best_of_n" and len(rows) < len(set(texts)):
+      skipped["identical_after_truncation"] += 1
     offset += len(texts)
     out = dict(record)
     if kind == "single":
@@ -180,27 +203,31 @@ def main(argv) -> None:
   for name in ("data", "output"):
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
-  from jaxpref.data.tokenize import load_tokenizer
+  from jaxpref.eval import contract_from_flags
   from jaxpref.evaluation.scoring import Scorer
   from jaxpref.models.source import load_for_inference
 
   # The data first: a bad file fails in a second, before any weights are read.
   records, skipped = read_records(FLAGS.data, FLAGS.on_error)
-  cfg, params, tokenizer_path, step = load_for_inference(
+  cfg, params, _, step = load_for_inference(
     model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step
   )
-  tokenizer = load_tokenizer(tokenizer_path)
-  max_length = FLAGS.max_length or default_max_length(tokenizer, cfg)
+  tokenizer, contract = contract_from_flags(cfg, model=FLAGS.model, workdir=FLAGS.workdir)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   scorer = Scorer(
-    cfg, params, batch_size=FLAGS.batch_size, max_length=max_length, pad_token_id=pad_id
+    cfg,
+    params,
+    batch_size=FLAGS.batch_size,
+    max_length=contract.max_length,
+    pad_token_id=pad_id,
+    padding_side=contract.padding_side,
   )
   temperature = read_temperature(FLAGS.model or FLAGS.workdir) if FLAGS.apply_temperature else 1.0
   outputs, more_skipped = score_records(
     scorer,
     tokenizer,
     records,
-    max_length=max_length,
+    contract=contract,
     template=FLAGS.template,
     on_error=FLAGS.on_error,
     source=FLAGS.data,
@@ -212,17 +239,23 @@ def main(argv) -> None:
   with open(FLAGS.output, "w", encoding="utf-8") as f:
     for out in outputs:
       f.write(json.dumps(out, ensure_ascii=False) + "\n")
+  notes = {k: skipped.pop(k) for k in ("truncated", "identical_after_truncation") if k in skipped}
   summary = {
     "read": len(records) + skipped["invalid_json"],
     "scored": len(outputs),
     "skipped": dict(skipped),
+    "truncated": notes.get("truncated", 0),
+    "identical_after_truncation": notes.get("identical_after_truncation", 0),
   }
+  if summary["identical_after_truncation"]:
+    logging.warning(
+      "%d best-of-n records have responses that are identical once cut to %d tokens on the "
+      "%s: their rewards tie (raise --max_length or use --truncation_side=left)",
+      summary["identical_after_truncation"],
+      contract.max_length,
+      contract.truncation_side,
+    )
   print(f"jaxpref.score: {json.dumps(summary)} -> {FLAGS.output}", file=sys.stderr)
-
-
-def default_max_length(tokenizer, cfg) -> int:
-  model_max = getattr(tokenizer, "model_max_length", None) or cfg.max_position_embeddings
-  return int(min(model_max, cfg.max_position_embeddings))
 
 
 if __name__ == "__main__":

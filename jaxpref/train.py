@@ -33,7 +33,9 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.initialize_distributed()
+  cli.quiet_library_tracebacks()
   from jaxpref.training import trainer
+  from jaxpref.training import workdir as workdir_lib
 
   config = FLAGS.config
   if FLAGS.on_error:
@@ -44,7 +46,7 @@ def main(argv) -> None:
   start = time.perf_counter()
   try:
     result = trainer.train_and_evaluate(config, FLAGS.workdir)
-  except trainer.TrainingError as e:
+  except (trainer.TrainingError, workdir_lib.CheckpointSaveError) as e:
     print(f"jaxpref.train: error: {e}", file=sys.stderr)
     sys.exit(1)
   if jax.process_index() == 0:

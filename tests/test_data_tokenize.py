@@ -81,7 +81,8 @@ def test_special_token_modes():
     for mode in ("auto", "paper", "tokenizer", "none")
   }
   assert _row(rows["auto"], 0) == [3, 4, eos]
-  assert _row(rows["auto"], 1) == [5, eos]  # Already ends with EOS: not added twice.
+  # A text's own EOS stays a text token, as in a plain Hugging Face tokenizer call.
+  assert _row(rows["auto"], 1) == [5, eos, eos]
   assert _row(rows["paper"], 0) == [bos, 3, 4, eos]
   assert _row(rows["tokenizer"], 0) == [3, 4] and _row(rows["none"], 0) == [3, 4]
   cut = tokenize_items(
@@ -93,7 +94,7 @@ def test_special_token_modes():
     tokenizer,
     TokenizeOptions(max_length=5, special_tokens="paper", truncation_side="right"),
   )
-  assert _row(own, 0) == [bos, 2, 3, 4, eos]  # A text's own BOS/EOS: once, kept when cut.
+  assert _row(own, 0) == [bos, bos, 2, 3, eos]  # A text's own BOS is text: cut like text.
   with pytest.raises(DataConfigError, match="no room"):
     tokenize_items(item, tokenizer, TokenizeOptions(max_length=2, special_tokens="paper"))
 

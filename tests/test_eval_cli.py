@@ -1,5 +1,6 @@
 """`jaxpref.eval` on a small HF checkpoint reproduces accuracy and ECE computed from transformers'
-rewards on the same token ids (an independent numpy computation of the metrics)."""
+rewards with the checkpoint's own tokenizer called plainly (an independent numpy computation of
+the metrics)."""
 
 import json
 import subprocess
@@ -25,10 +26,8 @@ def _paper_ece(probs, labels, n_bins):
 def test_eval_cli_matches_transformers(tmp_path, gpt2_tokenizer_file, preferences_dir):
   from jaxpref.data import reader
   from jaxpref.data.tokenize import load_tokenizer
-  from jaxpref.evaluation.evaluator import tokenized_eval_batches
 
   torch.manual_seed(0)
-  # pad_token_id differs from EOS (50256): see the comment below.
   config = transformers.GPTNeoXConfig(
     vocab_size=50304,
     hidden_size=32,
@@ -68,25 +67,26 @@ def test_eval_cli_matches_transformers(tmp_path, gpt2_tokenizer_file, preference
     text=True,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.loads((out / "report.json").read_text())["helpful_small"]
+  report_json = json.loads((out / "report.json").read_text())
+  report, report_run = report_json["helpful_small"], report_json["run"]
 
-  # transformers' rewards on the same token ids (positions from the mask, as jaxpref uses).
+  # transformers' rewards with the checkpoint's own tokenizer called plainly (no jaxpref code).
   items, _ = reader.read_preferences(data, task="helpful_small")
-  rewards, scores = [], []
-  for batch in tokenized_eval_batches(items, load_tokenizer(hf_dir), batch_size=8, max_length=64):
-    b, n, length = batch["input_ids"].shape
-    ids = torch.tensor(batch["input_ids"].reshape(b * n, length), dtype=torch.long)
-    mask = torch.tensor(batch["attention_mask"].reshape(b * n, length), dtype=torch.long)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # HF pools the last token that is not pad_token_id; texts end with EOS, so padding must use
-    # another id for HF to pool the same (last real) token as jaxpref, which uses the mask.
-    ids[mask == 0] = 50300
-    with torch.no_grad():
-      logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    valid = batch["valid_b"]
-    rewards.append(logits[:, 0].numpy().reshape(b, n)[valid])
-    scores.append(batch["scores"][valid])
-  rewards, scores = np.concatenate(rewards), np.concatenate(scores)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  with torch.no_grad():
+    rewards = np.array(
+      [
+        [
+          float(
+            model(**hf_tok(t, truncation=True, max_length=64, return_tensors="pt")).logits[0, 0]
+          )
+          for t in item.texts
+        ]
+        for item in items
+      ]
+    )
+  scores = np.array([item.scores for item in items])
+  assert sum(len(hf_tok(t)["input_ids"]) > 64 for item in items for t in item.texts) > 40
   diff = rewards[:, 0] - rewards[:, 1]
   better_first = scores[:, 0] > scores[:, 1]
   margin = np.where(better_first, diff, -diff)
@@ -97,5 +97,7 @@ def test_eval_cli_matches_transformers(tmp_path, gpt2_tokenizer_file, preference
   assert report["accuracy"] == pytest.approx(accuracy, abs=1e-6)
   for n_bins in (5, 10, 20):
     assert report[f"ece_{n_bins}"] == pytest.approx(_paper_ece(probs, labels, n_bins), abs=1e-4)
+  assert report_run["contract"]["truncation_side"] == "right"  # what transformers does
+  assert report_run["contract"]["max_length"] == 64  # --max_length overrides the contract
   assert (out / "reliability_helpful_small.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "helpful_small" in (out / "report.md").read_text()

@@ -85,6 +85,7 @@ def build_eval_batches(
   truncation_side: str = "left",
   padding_side: str = "right",
   special_tokens: str = "auto",
+  contract: Any = None,
   process_index: int = 0,
   process_count: int = 1,
   summary: DataSummary | None = None,
@@ -104,6 +105,8 @@ def build_eval_batches(
     task_names: task of each task id (to match the training run's ids); default the tasks in
       order of first appearance. An item whose task is not listed is an error.
     buckets, truncation_side, padding_side, special_tokens: see `TokenizeOptions`.
+    contract: a `jaxpref.data.contract.InputContract`; when given it decides the length, sides
+      and special tokens instead of `max_length` and the three arguments above.
     process_index, process_count: each process gets rows [p b, (p + 1) b) of every global batch,
       b = batch_size / process_count; the padded length is that of the whole global batch.
     summary: if given, its `truncated` count is increased.
@@ -119,13 +122,16 @@ def build_eval_batches(
     )
   if not items:
     raise errors.DataConfigError("no items to evaluate")
-  options = TokenizeOptions(
-    max_length=max_length,
-    truncation_side=truncation_side,
-    padding_side=padding_side,
-    special_tokens=special_tokens,
-    buckets=tuple(buckets) if buckets else None,
-  )
+  if contract is not None:
+    options = contract.tokenize_options(tuple(buckets) if buckets else None)
+  else:
+    options = TokenizeOptions(
+      max_length=max_length,
+      truncation_side=truncation_side,
+      padding_side=padding_side,
+      special_tokens=special_tokens,
+      buckets=tuple(buckets) if buckets else None,
+    )
   if task_names is None:
     task_names = list(dict.fromkeys(item.task for item in items))
   task_index = {name: t for t, name in enumerate(task_names)}
@@ -151,7 +157,7 @@ def build_eval_batches(
     batch_size,
     responses_per_item,
     options.bucket_lengths,
-    padding_side,
+    options.padding_side,
     process_index,
     process_count,
   )

@@ -37,9 +37,14 @@ class TokenizeOptions:
       pooling reads an end-of-text token; `paper`: BOS + text + EOS as in the paper's code;
       `tokenizer`: only what the tokenizer adds itself; `none`: nothing (e.g. for texts rendered
       with a chat template, which writes its own). Special tokens are kept when a text is cut:
-      truncation removes text tokens only. A text that already starts (ends) with the prefix
-      (suffix) tokens does not get them twice.
+      truncation removes text tokens only, as a Hugging Face tokenizer does. A text that
+      already holds special tokens keeps them (as a plain tokenizer call would).
     buckets: padded lengths a batch may take; default `length_buckets(max_length)`.
+    affixes: explicit (prefix ids, suffix ids), e.g. from an `InputContract`; overrides
+      `special_tokens`.
+    strip_pad_id: trailing tokens with this id are dropped from each row (transformers'
+      `*ForSequenceClassification` pools the last token that is not the pad id; for a causal
+      decoder dropping them gives the same reward).
   """
 
   max_length: int = 512
@@ -47,6 +52,8 @@ class TokenizeOptions:
   padding_side: str = "right"
   special_tokens: str = "auto"
   buckets: tuple[int, ...] | None = None
+  affixes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+  strip_pad_id: int | None = None
 
   def __post_init__(self):
     if self.max_length < 2:
@@ -70,6 +77,11 @@ class TokenizeOptions:
   @property
   def bucket_lengths(self) -> tuple[int, ...]:
     return self.buckets or length_buckets(self.max_length)
+
+  def resolve_affixes(self, tokenizer: Any) -> tuple[list[int], list[int]]:
+    if self.affixes is not None:
+      return list(self.affixes[0]), list(self.affixes[1])
+    return special_affixes(tokenizer, self.special_tokens)
 
 
 def length_buckets(max_length: int, min_bucket: int = 32, multiple: int = 0) -> tuple[int, ...]:
@@ -215,6 +227,45 @@ class TokenizedItems:
     return np.maximum.reduceat(self.lengths_r, self.item_starts[:-1]).astype(np.int32)
 
 
+def encode_texts(
+  texts: Sequence[str], tokenizer: Any, options: TokenizeOptions
+) -> tuple[list[np.ndarray], np.ndarray]:
+  """Token ids of each text as the input contract says, and which texts were cut.
+
+  The one tokenisation path of jaxpref: training, evaluation and `jaxpref.score` all call it.
+  Equal to `tokenizer(texts, truncation=True, max_length=options.max_length)` for a tokenizer
+  configured by `jaxpref.data.contract.apply` (then dropping trailing `strip_pad_id` tokens).
+  """
+  prefix, suffix = options.resolve_affixes(tokenizer)
+  budget = options.max_length - len(prefix) - len(suffix)
+  if budget < 1:
+    raise errors.DataConfigError(
+      f"max_length={options.max_length} leaves no room for text "
+      f"next to {len(prefix) + len(suffix)} special tokens"
+    )
+  pad = options.strip_pad_id
+  rows, cut = [], np.zeros(len(texts), bool)
+  for lo in range(0, len(texts), _ENCODE_CHUNK):
+    encoded = tokenizer(
+      list(texts[lo : lo + _ENCODE_CHUNK]),
+      add_special_tokens=False,
+      return_attention_mask=False,
+      verbose=False,
+    )["input_ids"]
+    for r, ids in enumerate(encoded, start=lo):
+      if len(ids) > budget:
+        cut[r] = True
+        ids = ids[len(ids) - budget :] if options.truncation_side == "left" else ids[:budget]
+      row = [*prefix, *ids, *suffix]
+      if pad is not None:
+        end = len(row)
+        while end > 1 and row[end - 1] == pad:
+          end -= 1
+        row = row[:end]
+      rows.append(np.asarray(row, np.int32))
+  return rows, cut
+
+
 def tokenize_items(
   items: Sequence[PreferenceItem],
   tokenizer: Any,
@@ -232,13 +283,6 @@ def tokenize_items(
     summary: if given, its `truncated` count is increased by the items cut here.
     task: name stored on the result; default the first item's task.
   """
-  prefix, suffix = special_affixes(tokenizer, options.special_tokens)
-  budget = options.max_length - len(prefix) - len(suffix)
-  if budget < 1:
-    raise errors.DataConfigError(
-      f"max_length={options.max_length} leaves no room for text "
-      f"next to {len(prefix) + len(suffix)} special tokens"
-    )
   pad_id = tokenizer.pad_token_id
   if pad_id is None:
     raise errors.DataConfigError("the tokenizer has no pad token; load it with load_tokenizer")
@@ -248,28 +292,11 @@ def tokenize_items(
   np.cumsum(counts, out=item_starts[1:])
   texts = [t for item in items for t, s in zip(item.texts, item.scores) if s >= 0]
   real_r = np.flatnonzero(scores_r >= 0)
-  pieces, lengths_r = [], np.zeros(len(scores_r), np.int32)
+  pieces, cut = encode_texts(texts, tokenizer, options)
+  lengths_r = np.zeros(len(scores_r), np.int32)
   cut_r = np.zeros(len(scores_r), bool)
-  for lo in range(0, len(texts), _ENCODE_CHUNK):
-    encoded = tokenizer(
-      texts[lo : lo + _ENCODE_CHUNK],
-      add_special_tokens=False,
-      return_attention_mask=False,
-      verbose=False,
-    )["input_ids"]
-    for r, ids in zip(real_r[lo : lo + _ENCODE_CHUNK], encoded):
-      # A text that already carries the special tokens (a chat template's BOS) keeps one copy,
-      # and keeps it through truncation.
-      if prefix and ids[: len(prefix)] == prefix:
-        ids = ids[len(prefix) :]
-      if suffix and ids[-len(suffix) :] == suffix:
-        ids = ids[: -len(suffix)]
-      if len(ids) > budget:
-        cut_r[r] = True
-        ids = ids[len(ids) - budget :] if options.truncation_side == "left" else ids[:budget]
-      row = np.asarray([*prefix, *ids, *suffix], np.int32)
-      pieces.append(row)
-      lengths_r[r] = len(row)
+  lengths_r[real_r] = [len(p) for p in pieces]
+  cut_r[real_r] = cut
   token_ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
   starts_r = np.zeros(len(scores_r), np.int64)
   starts_r[real_r] = np.concatenate([[0], np.cumsum(lengths_r[real_r])[:-1]]) if len(real_r) else 0

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxpref.data import eval_batches, tokenize
+from jaxpref.data.contract import InputContract
 from jaxpref.data.records import PreferenceItem
 from jaxpref.evaluation import calibration, scoring
 from jaxpref.models.config import ModelConfig
@@ -27,11 +28,20 @@ def tokenized_eval_batches(
   tokenizer,
   *,
   batch_size: int,
-  max_length: int,
+  max_length: int | None = None,
   truncation_side: str = "left",
   min_bucket: int = 32,
+  contract: InputContract | None = None,
 ) -> list[dict[str, np.ndarray]]:
-  """Fixed-size, length-bucketed batches holding every item exactly once (see `valid_b`)."""
+  """Fixed-size, length-bucketed batches holding every item exactly once (see `valid_b`).
+
+  With `contract` (the model's input contract) its length, sides and special tokens are used;
+  without, `max_length` and `truncation_side` with `special_tokens="auto"`.
+  """
+  if contract is not None:
+    max_length = contract.max_length
+  if max_length is None:
+    raise ValueError("give max_length or contract")
   return list(
     eval_batches.build_eval_batches(
       items,
@@ -40,6 +50,7 @@ def tokenized_eval_batches(
       max_length=max_length,
       truncation_side=truncation_side,
       buckets=tokenize.length_buckets(max_length, min_bucket),
+      contract=contract,
     )
   )
 
@@ -57,14 +68,23 @@ def concat_padded(
 
 
 def collect_rewards(
-  cfg: ModelConfig, params, batches: Sequence[dict[str, np.ndarray]]
+  cfg: ModelConfig,
+  params,
+  batches: Sequence[dict[str, np.ndarray]],
+  *,
+  progress: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Rewards and scores of every real item in `batches`, as [num_items, N_max] arrays.
 
   Responses beyond an item's own count are padded with score -1 (ignored by every metric).
+  `progress`: a description to show a progress bar with (None: no bar).
   """
   score = scoring.compiled_score_fn(cfg)
   rewards, scores = [], []
+  if progress:
+    from tqdm.auto import tqdm
+
+    batches = tqdm(batches, desc=progress, unit="batch")
   for batch in batches:
     scoring.check_token_ids(int(np.max(batch["input_ids"], initial=0)), cfg.vocab_size)
     rewards_bn, _ = score(params, batch["input_ids"], batch["attention_mask"])
@@ -96,10 +116,11 @@ class TrainEvaluator:
     tokenizer,
     *,
     batch_size: int,
-    max_length: int,
+    max_length: int | None = None,
     min_bucket: int = 32,
     truncation_side: str = "left",
     n_bootstrap: int = 0,
+    contract: InputContract | None = None,
   ):
     self.cfg = cfg
     self.n_bootstrap = n_bootstrap
@@ -111,6 +132,7 @@ class TrainEvaluator:
         max_length=max_length,
         truncation_side=truncation_side,
         min_bucket=min_bucket,
+        contract=contract,
       )
       for task, items in eval_items.items()
       if items

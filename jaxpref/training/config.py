@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""
   c.data.max_length = 512
   c.data.truncation_side = "left"
+  # Special tokens around each text: auto (the tokenizer's own + EOS) | paper | tokenizer | none.
+  # With max_length and truncation_side this makes the input contract stored with the run
+  # (docs/what_the_model_sees.md).
+  c.data.special_tokens = "auto"
   # N, the response axis of a training batch: 0 = the largest number of responses of any training
   # item (2 for pairwise data); items with fewer are padded and their padding is never compared.
   # A ranked list of N responses trains on all its N(N-1)/2 ordered pairs.
@@ -80,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_accum_steps = 1
   c.train.seed = 0
   c.train.log_every_steps = 10
+  # Divergence guard: stop when the loss is non-finite or above this multiple of its running
+  # average; checkpoints saved from the diverging weights are set aside (0 = non-finite only).
+  c.train.divergence_factor = 100.0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = "multitask"  # ranking | multitask | more
@@ -97,6 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 0  # 0 = no periodic eval (a final eval still runs when there is eval data)
   c.eval.batch_size = 32
   c.eval.final = True
+
+  # Resume (docs/preemption.md): force=True continues a workdir whose checkpoint came from another
+  # objective, data or model settings, or whose training data changed content.
+  c.resume = ml_collections.ConfigDict()
+  c.resume.force = False
 
   # Mesh: -1 = all remaining devices.
   c.mesh = ml_collections.ConfigDict()

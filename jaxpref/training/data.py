@@ -14,6 +14,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from jaxpref import sharding
+from jaxpref.data import contract as input_contract
 from jaxpref.data import pipeline, reader, splits, tokenize
 from jaxpref.data.batch import TrainBatch
 from jaxpref.data.errors import DataConfigError
@@ -29,6 +30,8 @@ class TrainData:
   eval_items: dict[str, list[PreferenceItem]]
   num_steps: int  # train.steps, or one epoch of the mixed data when that is 0
   summary: DataSummary
+  # What the model sees; stored with the run (None: special_tokens=auto, no contract).
+  contract: input_contract.InputContract | None = None
 
 
 def split_files(text: str) -> list[str]:
@@ -81,12 +84,34 @@ def load_tokenizer(config: ml_collections.ConfigDict):
   return tokenize.load_tokenizer(tokenizer_path)
 
 
+def configure_input(
+  config: ml_collections.ConfigDict, tokenizer, cfg: ModelConfig
+) -> input_contract.InputContract:
+  """The run's input contract, decided once from `data.*` and the model; `tokenizer` is
+  configured in place to apply it (a pad token that is not EOS, the special tokens, the
+  truncation side and length) and is saved so with the run."""
+  data = config.data
+  contract = input_contract.configure(
+    tokenizer,
+    max_length=data.max_length,
+    truncation_side=data.truncation_side,
+    special_tokens=data.special_tokens,
+    arch=cfg.arch,
+    pooling=cfg.pooling,
+    vocab_size=cfg.vocab_size,
+    chat_template=bool(getattr(tokenizer, "chat_template", None)),
+  )
+  logging.info("input contract: %s", contract.describe())
+  return contract
+
+
 def settle_model_config(cfg: ModelConfig, tokenizer) -> ModelConfig:
-  """The model config the run trains: pad / eos ids filled from the tokenizer where the config
-  leaves them unset, and the tokenizer checked against the vocabulary. Done before any data is
+  """The model config the run trains: the pad id is the (configured) tokenizer's, the eos id
+  filled from it where the config leaves it unset, and the tokenizer checked against the
+  vocabulary. Done before any data is
   read; nothing downstream changes the model config."""
   changes = {}
-  if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
+  if tokenizer.pad_token_id is not None and cfg.pad_token_id != tokenizer.pad_token_id:
     changes["pad_token_id"] = int(tokenizer.pad_token_id)
   if cfg.eos_token_id is None and tokenizer.eos_token_id is not None:
     changes["eos_token_id"] = int(tokenizer.eos_token_id)
@@ -97,7 +122,12 @@ def settle_model_config(cfg: ModelConfig, tokenizer) -> ModelConfig:
   return cfg.replace(**changes) if changes else cfg
 
 
-def prepare(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh | None = None) -> TrainData:
+def prepare(
+  config: ml_collections.ConfigDict,
+  tokenizer,
+  mesh: Mesh | None = None,
+  contract: input_contract.InputContract | None = None,
+) -> TrainData:
   """Reads every task's file, splits off held-out items, and builds the train pipeline.
 
   With `data.packing`, the pipeline packs each process's items into rows (a multiple of the
@@ -148,11 +178,11 @@ def prepare(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh | None = No
     num_steps=config.train.steps or None,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-    truncation_side=data.truncation_side,
     responses_per_item=responses_per_item,
     buckets=tokenize.length_buckets(data.max_length, data.min_bucket, data.bucket_multiple),
     packing_row_length=data.max_length if data.packing else 0,
     packing_row_multiple=row_multiple,
+    contract=contract,
   )
   return TrainData(
     task_names=task_names,
@@ -161,6 +191,7 @@ def prepare(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh | None = No
     eval_items={t: eval_items[t] for t in task_names},
     num_steps=train_pipeline.num_steps,
     summary=summary,
+    contract=contract,
   )
 
 
