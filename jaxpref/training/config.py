@@ -188,6 +188,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # checkpoint.keep=0 keeps every checkpoint.
   for key in ("train.weight_decay", "train.grad_clip", "data.resampling_size", "checkpoint.keep"):
     at_least(key, 0)
+  at_least("train.divergence_factor", 0)  # 0 = stop on non-finite values only.
   lr = config.train.learning_rate
   if not lr > 0 or lr != lr:
     raise _fail("train.learning_rate", lr, "must be > 0 (a negative rate is gradient ascent)")
