@@ -7,6 +7,7 @@ Layout of a workdir:
   WORKDIR/.lock                held by the running trainer (`jaxpref.training.lock`)
   WORKDIR/model_config.json    the ModelConfig, so export / eval / score need no config file
   WORKDIR/tokenizer/           the tokenizer the run used
+  WORKDIR/reward_stats.json    held-out reward mean / std (`jaxpref.evaluation.reward_stats`)
   WORKDIR/checkpoints/<step>/  {state, data} items written by Orbax (tmp dir + rename: a run killed
                                mid-save leaves no half checkpoint that a restart would pick up)
   WORKDIR/damaged_checkpoints/<step>/  a checkpoint that failed to restore, moved aside by the
