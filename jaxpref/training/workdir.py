@@ -66,7 +66,10 @@ def save(
   force: bool = False,
 ) -> bool:
   args = ocp.args.Composite(
-    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
+    # PyTree handlers on both sides (a manager keeps one handler per item): the restore is
+    # partial, see `restore`.
+    state=ocp.args.PyTreeSave(state),
+    data=ocp.args.JsonSave(data_state or {}),
   )
   return manager.save(step, args=args, force=force)
 
