@@ -140,6 +140,7 @@ def score_records(
   max_length: int | None = None,
   temperature: float = 1.0,
   progress: bool = False,
+  stats: Counter | None = None,
 ) -> tuple[list[dict], Counter]:
   """Adds rewards to each record (see module docstring); returns the output records and skips.
 
@@ -147,9 +148,11 @@ def score_records(
     contract: the model's `InputContract` (`models.source.load_tokenizer_and_contract`); without
       it, what transformers does with `tokenizer` and `max_length` (default: the tokenizer's).
 
+    stats: if given, gets `truncated` (texts cut) and `identical_after_truncation` (best-of-n
+      records with distinct responses that tie once cut) added.
+
   Returns:
-    The output records and a Counter of skipped records by reason, plus `truncated` (texts cut)
-    and `identical_after_truncation` (best-of-n records with distinct responses that tie once cut).
+    The output records and a Counter of skipped records by reason.
   """
   from jaxpref.data import contract as input_contract
   from jaxpref.data.tokenize import encode_texts
@@ -171,13 +174,14 @@ def score_records(
   flat_texts = [t for _, _, texts in parsed for t in texts]
   encoded, cut = encode_texts(flat_texts, tokenizer, contract.tokenize_options())
   rewards = scorer.score_token_ids(encoded, progress=progress) / temperature
-  skipped["truncated"] += int(cut.sum())
+  stats = Counter() if stats is None else stats
+  stats["truncated"] += int(cut.sum())
   outputs, offset = [], 0
   for record, kind, texts in parsed:
     values = [float(r) for r in rewards[offset : offset + len(texts)]]
     rows = {encoded[i].tobytes() for i in range(offset, offset + len(texts))}
     if kind == "best_of_n" and len(rows) < len(set(texts)):
-      skipped["identical_after_truncation"] += 1
+      stats["identical_after_truncation"] += 1
     offset += len(texts)
     out = dict(record)
     if kind == "single":
@@ -215,6 +219,7 @@ def main(argv) -> None:
   )
   temperature = read_temperature(FLAGS.model or FLAGS.workdir) if FLAGS.apply_temperature else 1.0
   records, skipped = read_records(FLAGS.data, FLAGS.on_error)
+  stats: Counter = Counter()
   outputs, more_skipped = score_records(
     scorer,
     tokenizer,
@@ -225,19 +230,19 @@ def main(argv) -> None:
     source=FLAGS.data,
     temperature=temperature,
     progress=FLAGS.progress and len(records) > 64,
+    stats=stats,
   )
   skipped.update(more_skipped)
   Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
   with open(FLAGS.output, "w", encoding="utf-8") as f:
     for out in outputs:
       f.write(json.dumps(out, ensure_ascii=False) + "\n")
-  notes = {k: skipped.pop(k) for k in ("truncated", "identical_after_truncation") if k in skipped}
   summary = {
     "read": len(records) + skipped["invalid_json"],
     "scored": len(outputs),
     "skipped": dict(skipped),
-    "truncated": notes.get("truncated", 0),
-    "identical_after_truncation": notes.get("identical_after_truncation", 0),
+    "truncated": stats["truncated"],
+    "identical_after_truncation": stats["identical_after_truncation"],
   }
   if summary["identical_after_truncation"]:
     logging.warning(
