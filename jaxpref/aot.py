@@ -107,7 +107,9 @@ def num_tasks_of(config) -> int:
     return len([t for t in config.data.tasks.split(",") if t.strip()])
   if config.data.task_names:
     return len([t for t in config.data.task_names.split(",") if t])
-  return max(1, len([f for f in config.data.files.split(",") if f]))
+  from jaxpref.training.data import split_files
+
+  return max(1, len(split_files(config.data.files)))
 
 
 def plan(config, devices, target: str) -> Plan:
@@ -136,10 +138,11 @@ def plan(config, devices, target: str) -> Plan:
   abstract_state, state_shardings = program.abstract_state, program.state_shardings
 
   b, length = config.train.batch_size, config.data.max_length
+  n = config.data.get("responses_per_item") or 2  # 0 = the data's largest; pairs without data.
   shapes = {
-    "input_ids": ((b, 2, length), jnp.int32),
-    "attention_mask": ((b, 2, length), jnp.int32),
-    "scores": ((b, 2), jnp.float32),
+    "input_ids": ((b, n, length), jnp.int32),
+    "attention_mask": ((b, n, length), jnp.int32),
+    "scores": ((b, n), jnp.float32),
     "task_ids": ((b,), jnp.int32),
   }
   abstract_batch = PaddedBatch(
@@ -198,6 +201,9 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required")
+  from jaxpref.training import config as train_config
+
+  train_config.validate(FLAGS.config)
   use_tpu = libtpu_available() and not FLAGS.force_cpu
   if not use_tpu:
     n = FLAGS.num_cpu_devices or topology_devices(FLAGS.topology) or 0
@@ -232,4 +238,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   from jaxpref import cli
 
-  app.run(lambda argv: cli.run_main("jaxpref.aot", main, argv))
+  app.run(
+    lambda argv: cli.run_main("jaxpref.aot", main, argv),
+    flags_parser=cli.parse_flags_or_exit("jaxpref.aot"),
+  )

@@ -22,6 +22,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from jaxpref import cli
+from jaxpref.data.errors import DataConfigError, DataError
 
 FLAGS = flags.FLAGS
 
@@ -108,7 +109,8 @@ def contract_from_flags(cfg, *, model=None, workdir=None, flag_values=FLAGS):
 TABLE_COLUMNS = (
   "accuracy",
   "n_pairs",
-  "ece_5",
+  # An even bin count: with an odd one the middle bin cancels exactly (docs/calibration.md), so
+  # ece_5 stays in report.json but is no headline.
   "ece_10",
   "ece_20",
   "ace_10",
@@ -172,10 +174,12 @@ def evaluate_files(
   for path in data_files:
     name = Path(path).name.split(".")[0]
     if name in reports:
-      raise ValueError(f"two data files are both named {name!r}; rename one")
+      raise DataConfigError(f"two data files are both named {name!r}; rename one")
     items, summary = reader.read_preferences(
       path, format=data_format, on_error=on_error, on_tie=on_tie, task=name, tokenizer=tokenizer
     )
+    if not items:
+      raise DataError(str(path), f"no items to evaluate ({summary.describe()})", "config")
     batches = evaluation.tokenized_eval_batches(
       items,
       tokenizer,

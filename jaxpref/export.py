@@ -15,8 +15,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
 from absl import app, flags
 
 from jaxpref import cli
@@ -42,15 +40,14 @@ def export(
   workdir: str | Path, output: str | Path, step: int | None = None, *, strict: bool = True
 ) -> int:
   """Exports a checkpoint of `workdir` to `output`; returns the exported step."""
-  import importlib
+  import jax
 
   from jaxpref.data import contract as input_contract
-  from jaxpref.models import hf_io
+  from jaxpref.models import hf_io, registry
   from jaxpref.models.source import load_for_inference, load_tokenizer_and_contract
 
   cfg, params, _, step = load_for_inference(workdir=str(workdir), step=step)
-  module = importlib.import_module(hf_io.HF_ARCHS[cfg.arch].module)
-  reason = getattr(module, "hf_incompatibility", lambda _: None)(cfg)
+  reason = registry.get(cfg.arch).why_incompatible(cfg)
   if strict and reason:
     fix = "model.pooling=pooler" if cfg.arch == "bert" else "model.pooling=last"
     raise hf_io.CheckpointError(
@@ -59,10 +56,11 @@ def export(
       "scores faithfully (jaxpref.score --model=OUTPUT)"
     )
   tokenizer, contract = load_tokenizer_and_contract(cfg, workdir=str(workdir))
-  params = jax.tree.map(np.asarray, jax.device_get(params))
   cfg = cfg.replace(pad_token_id=contract.pad_id)
+  # save_hf gathers sharded (also multi-process) arrays itself; process 0 writes the files.
   hf_io.save_hf(output, cfg, params, None, pad_token_id=contract.pad_id, strict=strict)
-  input_contract.save_tokenizer(tokenizer, output, contract)
+  if jax.process_index() == 0:
+    input_contract.save_tokenizer(tokenizer, output, contract)
   temperature = Path(workdir) / "temperature.json"
   if temperature.is_file():
     shutil.copy(temperature, Path(output) / "temperature.json")

@@ -83,6 +83,8 @@ def record_texts(record: Any, where: str, template: str) -> tuple[str, list[str]
     text = record["text"]
     if isinstance(text, str):
       texts, kind = [text], "single"
+    elif isinstance(text, list) and not text:
+      raise DataError(where, "'text' is an empty list: nothing to score")
     elif isinstance(text, list) and all(isinstance(t, str) for t in text):
       texts, kind = text, "list"
     else:
@@ -108,23 +110,26 @@ def record_texts(record: Any, where: str, template: str) -> tuple[str, list[str]
 
 
 def read_records(path: str, on_error: str) -> tuple[list[tuple[int, dict]], Counter]:
-  """Parsed records with their line numbers; skipped lines counted by reason."""
-  import gzip
+  """Parsed records with their line numbers; skipped records counted by reason.
 
-  opener = gzip.open if path.endswith(".gz") else open
+  The same reader as training and evaluation (`jaxpref.data.sources`): gzip, encodings, a BOM,
+  duplicate keys and bad lines give the same one-line errors, and `on_error="skip"` counts them.
+  """
+  from jaxpref.data import sources
+
   records, skipped = [], Counter()
-  if not Path(path).is_file():
-    raise FileNotFoundError(f"--data={path}: no such file")
-  with opener(path, "rt", encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        records.append((line_no, json.loads(line)))
-      except json.JSONDecodeError as e:
-        if on_error == "raise":
-          raise DataError(f"{path}:{line_no}", f"invalid JSON ({e.msg})") from None
-        skipped["invalid_json"] += 1
+  for rec in sources.iter_records(path):
+    if rec.error is not None:
+      if on_error == "raise":
+        raise DataError(
+          rec.where, f"{rec.error} [invalid_json; --on_error=skip skips and counts such records]"
+        )
+      skipped["invalid_json"] += 1
+      logging.warning("skipping %s: %s", rec.where, rec.error)
+      continue
+    records.append((rec.index, rec.value))
+  if not records and not skipped:
+    raise DataError(path, "no records to score (an empty file)", "config")
   return records, skipped
 
 
@@ -172,6 +177,8 @@ def score_records(
       skipped["bad_record"] += 1
       logging.warning("skipping %s", e)
   flat_texts = [t for _, _, texts in parsed for t in texts]
+  if not flat_texts:
+    return [], skipped
   encoded, cut = encode_texts(flat_texts, tokenizer, contract.tokenize_options())
   rewards = scorer.score_token_ids(encoded, progress=progress) / temperature
   stats = Counter() if stats is None else stats
@@ -204,6 +211,8 @@ def main(argv) -> None:
   from jaxpref.evaluation.scoring import Scorer
   from jaxpref.models.source import load_for_inference
 
+  # The data first: a bad file fails in a second, before any weights are read.
+  records, skipped = read_records(FLAGS.data, FLAGS.on_error)
   cfg, params, _, step = load_for_inference(
     model=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step
   )
@@ -218,7 +227,6 @@ def main(argv) -> None:
     padding_side=contract.padding_side,
   )
   temperature = read_temperature(FLAGS.model or FLAGS.workdir) if FLAGS.apply_temperature else 1.0
-  records, skipped = read_records(FLAGS.data, FLAGS.on_error)
   stats: Counter = Counter()
   outputs, more_skipped = score_records(
     scorer,

@@ -27,6 +27,9 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("mlp", "tensor"),
   ("heads", "tensor"),
   ("kv_heads", "tensor"),
+  # Mixture-of-experts kernels [experts, embed, mlp]: experts split over `tensor` (expert
+  # parallelism); their `mlp` axis then stays whole, as a mesh axis is used once per array.
+  ("experts", "tensor"),
   ("head_dim", None),
   ("layers", None),
   ("length", None),

@@ -283,3 +283,15 @@ def test_report_without_pairs_and_bad_input():
     calibration.calibration_report(rewards_bn, np.zeros((3, 2)))
   with pytest.raises(ValueError, match="temperature must be > 0"):
     calibration.calibration_report(np.zeros((3, 2)), np.zeros((3, 2)), temperature=0.0)
+
+
+def test_odd_bin_count_middle_bin_cancels():
+  """docs/calibration.md: with both orders of every pair, an odd bin count's middle bin holds p
+  and 1 - p with opposite labels and cancels exactly, however wrong the predictions are."""
+  rng = np.random.default_rng(0)
+  p_k = rng.uniform(0.42, 0.58, size=500).astype(np.float32)  # all in the middle of 5 bins
+  y_k = np.zeros(500, np.float32)  # every prediction wrong-sided
+  probs, labels = np.concatenate([p_k, 1 - p_k]), np.concatenate([y_k, 1 - y_k])
+  ece_5 = float(calibration.calibration_errors(probs, labels, n_bins=5)["ece"])
+  ece_4 = float(calibration.calibration_errors(probs, labels, n_bins=4)["ece"])
+  assert ece_5 < 1e-6 and ece_4 > 0.05

@@ -67,6 +67,17 @@ def test_paper_configs_follow_the_paper(path):
   assert config.data.max_length == 512
   assert len(config.data.task_names.split(",")) == 5
   assert config.loss.more_alpha == 0.99 and config.loss.more_normalize == "l2"
+  # What the paper leaves open is the official run's (listed in docs/objectives.md).
+  from jaxpref.training.paper import OFFICIAL
+
+  for key, value in OFFICIAL.items():
+    section, name = key.split(".")
+    assert config[section][name] == value, key
+  assert config.train.schedule == "linear" and config.train.end_lr_fraction == 0.0
+  assert config.data.on_tie == "keep"
+  docs = (Path(__file__).resolve().parents[1] / "docs" / "objectives.md").read_text()
+  for key, value in OFFICIAL.items():
+    assert f"`{key}={value!r}`".replace("'", "") in docs.replace("'", ""), key
   tiny = load_config(path, "tiny")
   assert tiny.model.path == "" and tiny.train.steps > 0
 

@@ -272,6 +272,41 @@ def test_real_files_multi_task_epoch(preferences_dir, gpt2_tokenizer_file):
   assert it.truncated_by_task["helpful"] > 0
 
 
+def test_swapped_preferences_are_refused_naming_the_task_unless_forced(tasks, tokenizer):
+  """Same lengths and scores, other content (chosen and rejected swapped): a changed dataset."""
+  kwargs = dict(global_batch_size=6, max_length=64, resampling_size=9, num_steps=10, seed=4)
+  first = build_train_pipeline(tasks, tokenizer, **kwargs)
+  _take(first, 3)
+  state = json.loads(json.dumps(first.get_state()))
+  swapped = dict(tasks)
+  swapped["b"] = [
+    PreferenceItem(it.texts[::-1], it.scores, prompt=it.prompt, task="b", index=it.index)
+    for it in tasks["b"]
+  ]
+  changed = build_train_pipeline(swapped, tokenizer, **kwargs)
+  with pytest.raises(DataConfigError, match="task 'b' differs from the checkpoint"):
+    changed.set_state(state)
+  changed.set_state(state, force=True)  # The user says they mean it: resumes at the same step.
+  assert changed.get_state()["next_index"] == 3
+
+
+def test_state_of_process_0_resumes_every_process_at_the_train_step(tasks, tokenizer):
+  """What multi-process resume relies on: one saved state, the position taken from the step."""
+  kwargs = dict(global_batch_size=6, max_length=64, resampling_size=9, num_steps=8, seed=1)
+  p0 = build_train_pipeline(tasks, tokenizer, process_index=0, process_count=2, **kwargs)
+  _take(p0, 2)
+  state = json.loads(json.dumps(p0.get_state()))
+  reference = list(
+    build_train_pipeline(tasks, tokenizer, process_index=1, process_count=2, **kwargs)
+  )
+  p1 = build_train_pipeline(tasks, tokenizer, process_index=1, process_count=2, **kwargs)
+  p1.set_state({**state, "next_index": 0}, step=5)  # The train state's step wins.
+  assert all(_equal(x, y) for x, y in zip(list(p1), reference[5:]))
+  # Another process layout of the same run: the same fingerprint (a step's items do not change).
+  single = build_train_pipeline(tasks, tokenizer, **kwargs)
+  single.set_state(state, step=2)
+
+
 def test_packed_pipeline_agrees_on_rows_across_processes(tasks, tokenizer):
   """Each process packs its own items into the same number of rows, computed without any
   collective, and its last-token indices point into its block of the global rows."""

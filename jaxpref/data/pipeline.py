@@ -100,8 +100,11 @@ class StepBatcher:
 class PreferenceBatchIterator(grain.DatasetIterator):
   """Iterator of per-process numpy batch dicts with exact save/restore.
 
-  `get_state()` is a small JSON-serialisable dict (the next step and a fingerprint of the
-  pipeline); `set_state` refuses a state from a differently configured pipeline. It is a
+  `get_state()` is a small JSON-serialisable dict: the next step, a fingerprint of the pipeline's
+  options and a content hash per task (token ids, lengths and scores). Neither depends on the
+  process, so the state process 0 saves restores on every process; the position is the restored
+  train state's step (`set_state(state, step=...)`), not one process's iterator. `set_state`
+  refuses a state of other options or other data, naming the task, unless `force`. It is a
   `grain.DatasetIterator`, so `grain.checkpoint.CheckpointSave(iterator)` saves it with Orbax.
 
   Attributes:
@@ -110,6 +113,7 @@ class PreferenceBatchIterator(grain.DatasetIterator):
     num_steps: batches in the whole run.
     steps_per_epoch: steps per epoch (see `MixingPlan`).
     truncated_by_task: items cut to `max_length`, per task.
+    task_hashes: content hash of each task's tokenised training items.
   """
 
   def __init__(
@@ -128,24 +132,66 @@ class PreferenceBatchIterator(grain.DatasetIterator):
     self.num_steps = len(dataset)
     self.steps_per_epoch = batcher.plan.steps_per_epoch
     self.truncated_by_task = {n: t.num_truncated for n, t in zip(task_names, batcher.tasks)}
+    self.task_hashes = {n: content_hash(t) for n, t in zip(task_names, batcher.tasks)}
     self._fingerprint = fingerprint
 
   def __next__(self) -> TrainBatch:
     return next(self._inner)
 
   def get_state(self) -> dict[str, Any]:
-    return {**self._inner.get_state(), "fingerprint": self._fingerprint}
+    return {
+      **self._inner.get_state(),
+      "fingerprint": self._fingerprint,
+      "task_hashes": self.task_hashes,
+    }
 
-  def set_state(self, state: dict[str, Any]) -> None:
+  def set_state(
+    self, state: dict[str, Any], *, step: int | None = None, force: bool = False
+  ) -> None:
+    """Restores a `get_state()`; `step` (the train state's) sets the position when given.
+
+    Raises:
+      errors.DataConfigError: the state is of other options or another task's content (and not
+        `force`). A state saved before task hashes existed is accepted with a warning.
+    """
     state = dict(state)
     fingerprint = state.pop("fingerprint", None)
-    if fingerprint != self._fingerprint:
-      raise errors.DataConfigError(
-        "the saved data-iterator state belongs to a pipeline with other data or options "
-        f"(fingerprint {fingerprint} != {self._fingerprint}); restore with the same tasks, "
-        "batch size, seed, mixing and process layout"
+    saved_hashes = state.pop("task_hashes", None)
+    if saved_hashes is None:
+      logging.warning(
+        "The saved data-iterator state predates data identity checks; resuming unchecked."
       )
+    elif not force:
+      for task, saved in saved_hashes.items():
+        if task in self.task_hashes and self.task_hashes[task] != saved:
+          raise errors.DataConfigError(
+            f"the training data of task {task!r} differs from the checkpoint's (content hash "
+            f"{self.task_hashes[task]} != {saved}); resume with the same data and tokenizer"
+          )
+      if fingerprint != self._fingerprint:
+        raise errors.DataConfigError(
+          "the saved data-iterator state belongs to a pipeline with other data or options "
+          f"(tasks {sorted(saved_hashes)} vs {sorted(self.task_hashes)}, fingerprint "
+          f"{fingerprint} != {self._fingerprint}); restore with the same tasks, batch size, "
+          "seed and mixing"
+        )
+    if step is not None:
+      if "next_index" in state and int(state["next_index"]) != step:
+        logging.warning(
+          "Data iterator saved at %s, train state at step %d: following the train state.",
+          state["next_index"],
+          step,
+        )
+      state["next_index"] = int(step)
     self._inner.set_state(state)
+
+
+def content_hash(tok: TokenizedItems) -> str:
+  """A hash of what a task trains on: every response's token ids, length and score, in order."""
+  h = hashlib.sha256(tok.task.encode())
+  for array in (tok.token_ids, tok.starts_r, tok.lengths_r, tok.scores_r, tok.item_starts):
+    h.update(np.ascontiguousarray(array).tobytes())
+  return h.hexdigest()[:16]
 
 
 def _fingerprint(tasks: Sequence[TokenizedItems], config: dict[str, Any]) -> str:
@@ -253,6 +299,7 @@ def build_train_pipeline(
       where = f"item {i}" if isinstance(items, TokenizedItems) else items[i].where
       raise errors.DataConfigError(
         f"task {name!r} ({where}) has {most} responses but responses_per_item={responses_per_item}"
+        " (data.responses_per_item in a training config; 0 = the largest)"
       )
     if int(tok.item_lengths.max()) > max_length:
       raise errors.DataConfigError(
@@ -284,7 +331,9 @@ def build_train_pipeline(
     pack_row_multiple=max(1, packing_row_multiple),
   )
   # The run length is left out: a run may be resumed with more steps (the batch of a step does
-  # not depend on how many steps follow it).
+  # not depend on how many steps follow it). So is the process layout: every process must agree
+  # on the fingerprint, and a step's global batch holds the same items on any number of
+  # processes (only their row order differs).
   config = {
     "names": names,
     "global_batch_size": global_batch_size,
@@ -292,8 +341,6 @@ def build_train_pipeline(
     "resampling_size": plan.resampling_size,
     "seed": seed,
     "shuffle": shuffle,
-    "process_index": process_index,
-    "process_count": process_count,
     "responses_per_item": responses_per_item,
     "buckets": list(options.bucket_lengths),
     "padding_side": padding_side,

@@ -115,6 +115,20 @@ def read_records(
       if not records:
         logging.warning("data %s: no records", source)
         return [], summary
+      bad = [r for r in records if r.error is not None]
+      if bad:
+        # No record parsed at all: the first bad record says why better than "no format".
+        if on_error == "raise":
+          raise errors.DataError(
+            bad[0].where,
+            f"{bad[0].error} [{errors.INVALID_JSON}; on_error='skip' skips and counts such "
+            "records]",
+            errors.INVALID_JSON,
+          )
+        summary.read = len(records)
+        summary.count_skip(errors.INVALID_JSON, len(bad))
+        summary.log()
+        return [], summary
       raise errors.DataError(
         source,
         "cannot detect the format: no record has the keys text/score, "

@@ -100,6 +100,12 @@ class DataSummary:
       "truncated": self.truncated,
     }
 
+  def describe(self) -> str:
+    """`read N records, kept K items, skipped S (reason=n, ...)`: for one-line messages."""
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped_by_reason.items()))
+    text = f"read {self.read} records, kept {self.kept} items, skipped {self.skipped}"
+    return f"{text} ({skipped})" if skipped else text
+
   def log(self) -> None:
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped_by_reason.items())) or "none"
     logging.info(

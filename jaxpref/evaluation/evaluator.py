@@ -86,10 +86,13 @@ def collect_rewards(
 
     batches = tqdm(batches, desc=progress, unit="batch")
   for batch in batches:
+    scoring.check_token_ids(int(np.max(batch["input_ids"], initial=0)), cfg.vocab_size)
     rewards_bn, _ = score(params, batch["input_ids"], batch["attention_mask"])
     valid_b = np.asarray(batch["valid_b"], bool)
     rewards.append(np.asarray(jax.device_get(rewards_bn))[valid_b])
     scores.append(np.asarray(batch["scores"])[valid_b])
+    real_bn = scores[-1] >= 0  # Padding responses (score -1) may hold anything.
+    scoring.check_finite_rewards(rewards[-1][real_bn], params)
   if not rewards:
     return np.zeros((0, 2), np.float32), np.full((0, 2), -1.0, np.float32)
   return concat_padded(rewards, scores)

@@ -18,6 +18,18 @@ from matplotlib.figure import Figure
 
 _BAR = "#4C72B0"
 _GAP = "#DD5555"
+_GAP_ALPHA = 0.35
+# Bins holding fewer predictions than this are drawn faded: their frequency is mostly noise (one
+# prediction gives a frequency of exactly 0 or 1), which a full-height bar would hide.
+MIN_COUNT = 10
+
+
+def _blend(top: str, bottom: str, alpha: float) -> tuple[float, float, float]:
+  """The colour of `top` drawn with `alpha` over `bottom` (for the legend's overlap swatch)."""
+  from matplotlib import colors
+
+  t, b = np.array(colors.to_rgb(top)), np.array(colors.to_rgb(bottom))
+  return tuple(alpha * t + (1 - alpha) * b)
 
 
 def as_bins(report_or_bins: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -44,16 +56,25 @@ def _draw(
   count = _floats(bins["count"])
   left, width = edges[:-1], np.diff(edges)
   filled = count > 0
-  ax_main.bar(
-    left[filled],
-    frequency[filled],
-    width[filled],
-    align="edge",
-    color=_BAR,
-    edgecolor="black",
-    linewidth=0.6,
-    label="frequency (y = 1)",
-  )
+  sparse = filled & (count < MIN_COUNT)
+  solid = filled & ~sparse
+  for mask, alpha, label in (
+    (solid, 1.0, "frequency (y = 1)"),
+    (sparse, 0.3, f"frequency, bin with < {MIN_COUNT} predictions"),
+  ):
+    if not mask.any():
+      continue
+    ax_main.bar(
+      left[mask],
+      frequency[mask],
+      width[mask],
+      align="edge",
+      color=_BAR,
+      alpha=alpha,
+      edgecolor="black",
+      linewidth=0.6,
+      label=label,
+    )
   # The gap between what the model predicted on average in a bin and what happened.
   gap_bottom = np.minimum(frequency, confidence)[filled]
   gap_height = np.abs(confidence - frequency)[filled]
@@ -64,12 +85,22 @@ def _draw(
     bottom=gap_bottom,
     align="edge",
     color=_GAP,
-    alpha=0.35,
+    alpha=_GAP_ALPHA,
     edgecolor=_GAP,
     hatch="//",
     linewidth=0.6,
-    label="gap",
+    label="gap |mean p - frequency|",
   )
+  if (solid & (frequency > confidence)).any():
+    # Where the frequency bar is above mean p, the gap is drawn over the bar: a third colour.
+    ax_main.bar(
+      [np.nan],
+      [np.nan],
+      color=_blend(_GAP, _BAR, _GAP_ALPHA),
+      edgecolor=_GAP,
+      hatch="//",
+      label="gap over the bar (frequency > mean p)",
+    )
   ax_main.plot([0, 1], [0, 1], "--", color="gray", linewidth=1.0, label="perfect calibration")
   ax_main.plot(
     confidence[filled], frequency[filled], "o", color="black", markersize=3, label="(mean p, freq)"
@@ -79,7 +110,8 @@ def _draw(
   if legend:
     ax_main.legend(loc="upper left", fontsize=7, frameon=False)
   total = int(np.nansum(count))
-  notes = [f"n = {total:,}"]
+  # Each pair is binned twice (both orders), so the predictions are twice the report's n_pairs.
+  notes = [f"n_pairs = {total // 2:,} ({total:,} predictions, both orders)"]
   if bins.get("ece") is not None:
     notes.insert(0, f"ECE = {bins['ece']:.4f}")
   ax_main.text(
@@ -96,6 +128,9 @@ def _draw(
     ax_main.set_title(title, fontsize=9)
   share = count / max(total, 1)
   ax_hist.bar(left, share, width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
+  for x, w, c, h in zip(left, width, count, share):
+    if c > 0:  # The count itself, so a sparse bin is visibly sparse.
+      ax_hist.text(x + w / 2, h, f"{int(c)}", ha="center", va="bottom", fontsize=5)
   ax_hist.set(xlim=(0, 1), xlabel="confidence p = sigmoid(r_i - r_j)", ylabel="share")
   ax_hist.set_ylim(0, max(float(np.nanmax(share, initial=0.0)) * 1.15, 1e-3))
 

@@ -66,6 +66,57 @@ def score_batch(cfg: ModelConfig, params, batch: TrainBatch) -> tuple[jax.Array,
   return outputs["rewards"].reshape(b, n), outputs["pooled"].reshape(b, n, -1)
 
 
+class RewardError(ValueError):
+  """Rewards that cannot be right (non-finite) or inputs the model cannot read (token ids beyond
+  its vocabulary); the one-line message names the likely cause."""
+
+
+def check_token_ids(max_id: int, vocab_size: int, where: str = "") -> None:
+  """Refuses token ids the embedding table does not have (JAX would silently read NaN/garbage).
+
+  Raises:
+    RewardError: naming the largest id and the model's vocabulary size.
+  """
+  if max_id >= vocab_size:
+    prefix = f"{where}: " if where else ""
+    raise RewardError(
+      f"{prefix}token id {max_id} >= the model's vocab_size {vocab_size}: the tokenizer does not "
+      "belong to this model (a larger vocabulary); use the model's own tokenizer"
+    )
+
+
+def non_finite_leaves(params) -> list[str]:
+  """Paths of the floating-point leaves of `params` that hold a NaN or inf."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    # Reduced where the leaf lives: also for arrays sharded over several processes.
+    if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
+      bad.append(jax.tree_util.keystr(path))
+  return bad
+
+
+def check_finite_rewards(rewards: np.ndarray, params, where: str = "") -> None:
+  """Refuses NaN/inf rewards, naming the likely cause (non-finite weights or overflow).
+
+  Raises:
+    RewardError: when any reward is not finite.
+  """
+  rewards = np.asarray(rewards)
+  bad = int(np.size(rewards) - np.isfinite(rewards).sum())
+  if not bad:
+    return
+  prefix = f"{where}: " if where else ""
+  bad_params = non_finite_leaves(params)
+  if bad_params:
+    cause = (
+      f"the model's weights are not finite ({len(bad_params)} arrays with NaN/inf, first "
+      f"{bad_params[0]}): the checkpoint is broken"
+    )
+  else:
+    cause = "the weights are finite, so the forward pass overflowed: try --dtype=float32"
+  raise RewardError(f"{prefix}{bad} of {np.size(rewards)} rewards are NaN/inf; {cause}")
+
+
 @functools.lru_cache(maxsize=32)
 def compiled_score_fn(cfg: ModelConfig):
   """`score_fn` jitted for one config; jax caches one executable per input shape and sharding."""
@@ -135,7 +186,8 @@ class Scorer:
     if not sequences:
       return np.zeros((0,), np.float32)
     if any(len(s) == 0 for s in sequences):
-      raise ValueError("cannot score an empty token sequence")
+      raise RewardError("cannot score an empty token sequence (an empty text?)")
+    check_token_ids(max(max(s) for s in sequences), self.cfg.vocab_size)
     order = np.argsort([len(s) for s in sequences], kind="stable")
     rewards = np.zeros((len(sequences),), np.float32)
     batches: Iterable = range(0, len(order), self.batch_size)
@@ -148,11 +200,15 @@ class Scorer:
       ids_bl, mask_bl = self._pad_batch([sequences[i] for i in index])
       rewards_b, _ = self._fn(self.params, jnp.asarray(ids_bl), jnp.asarray(mask_bl))
       rewards[index] = np.asarray(rewards_b)[: len(index)]
+    check_finite_rewards(rewards, self.params)
     return rewards
 
   def score_batch(self, input_ids_bnl: np.ndarray, attention_mask_bnl: np.ndarray) -> np.ndarray:
     """Rewards [B, N] of an already padded preference batch."""
+    check_token_ids(int(np.max(input_ids_bnl, initial=0)), self.cfg.vocab_size)
     rewards_bn, _ = self._fn(
       self.params, jnp.asarray(input_ids_bnl), jnp.asarray(attention_mask_bnl)
     )
-    return np.asarray(rewards_bn)
+    rewards_bn = np.asarray(rewards_bn)
+    check_finite_rewards(rewards_bn[np.asarray(attention_mask_bnl).any(-1)], self.params)
+    return rewards_bn

@@ -145,12 +145,12 @@ def plan(config: ml_collections.ConfigDict) -> list[Cell]:
 
 def _minilm_dir(layers: int, seed: int, root: Path) -> Path:
   """A truncated MiniLM copy (fresh head from `seed`) under root, written once."""
-  from jaxpref.models import bert, hf_io
+  from jaxpref.models import hf_io, minilm
 
   out = root / "models" / f"minilm{layers}-s{seed}"
   if not (out / "config.json").is_file():
-    cfg, params = bert.load_minilm(num_layers=layers, head_seed=seed)
-    hf_io.save_hf(out, cfg, params, tokenizer=bert.minilm_path(), strict=False)
+    cfg, params = minilm.load_minilm(num_layers=layers, head_seed=seed)
+    hf_io.save_hf(out, cfg, params, tokenizer=minilm.minilm_path(), strict=False)
   return out
 
 

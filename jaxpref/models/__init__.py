@@ -1,4 +1,4 @@
-"""Reward models: GPT-NeoX (Pythia), Llama family and BERT-style encoders."""
+"""Reward models: GPT-NeoX, Llama, Mistral, Qwen2/3, Qwen3-MoE, Gemma-2/3 and BERT backbones."""
 
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.reward_model import (

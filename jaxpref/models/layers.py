@@ -77,20 +77,30 @@ def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
 
 
 class RMSNorm(nn.Module):
-  """Llama's RMSNorm: statistics in float32, scale applied after casting back (as HF does)."""
+  """RMSNorm with statistics in float32, as transformers computes it.
+
+  Llama-style (`plus_one=False`): the scale multiplies after casting back to the compute dtype.
+  Gemma-style (`plus_one=True`): the weight is stored as an offset (init 0) and `x * (1 + w)` is
+  computed in float32 before the cast.
+  """
 
   cfg: ModelConfig
+  plus_one: bool = False
+  axis_name: str = "embed"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
     scale = self.param(
       "scale",
-      nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      nn.with_logical_partitioning(init, (self.axis_name,)),
       (x.shape[-1],),
       self.cfg.jnp_param_dtype,
     )
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    if self.plus_one:
+      return (x32 * (1.0 + scale.astype(jnp.float32))).astype(self.cfg.jnp_dtype)
     return scale.astype(self.cfg.jnp_dtype) * x32.astype(self.cfg.jnp_dtype)
 
 
@@ -153,6 +163,48 @@ def decoder_positions_and_mask(
   return positions_bl, causal_segment_mask(segment_ids_bl)
 
 
+def sliding_window_mask(mask_b1ll: jax.Array, positions_bl: jax.Array, window: int) -> jax.Array:
+  """`mask_b1ll` restricted to the `window` latest keys of each query (the query included).
+
+  transformers tests `kv_idx > q_idx - window` on indices; within one sequence (padded on either
+  side, or one segment of a packed row) indices and positions differ by a constant, so positions
+  give the same mask and also hold for packed rows.
+  """
+  distance_bll = positions_bl[:, :, None] - positions_bl[:, None, :]
+  return mask_b1ll & (distance_bll < window)[:, None]
+
+
+def _attend(
+  cfg: ModelConfig,
+  query_bqhd: jax.Array,
+  key_bkgd: jax.Array,
+  value_bkgd: jax.Array,
+  mask_b1qk: jax.Array,
+) -> jax.Array:
+  """Softmax attention with the config's score scale and optional logit soft-cap."""
+  scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
+  if not cfg.attn_logit_softcap:
+    return jax.nn.dot_product_attention(
+      query_bqhd, key_bkgd, value_bkgd, mask=mask_b1qk, scale=scale
+    )
+  # Gemma-2: cap * tanh(scores / cap) before masking and softmax; not offered by
+  # `jax.nn.dot_product_attention`, so written out (scores and softmax in float32).
+  b, q, h, d = query_bqhd.shape
+  kv = key_bkgd.shape[2]
+  query_bqkgd = query_bqhd.reshape(b, q, kv, h // kv, d)
+  scores_bkgqs = jnp.einsum(
+    "bqkgd,bskd->bkgqs", query_bqkgd, key_bkgd, preferred_element_type=jnp.float32
+  )
+  scores_bkgqs = scores_bkgqs * (scale if scale is not None else d**-0.5)
+  cap = cfg.attn_logit_softcap
+  scores_bkgqs = cap * jnp.tanh(scores_bkgqs / cap)
+  # A large finite negative (not -inf), as `dot_product_attention`: all-masked rows stay finite.
+  scores_bkgqs = jnp.where(mask_b1qk[:, :, None], scores_bkgqs, jnp.finfo(jnp.float32).min)
+  probs_bkgqs = jax.nn.softmax(scores_bkgqs, axis=-1).astype(value_bkgd.dtype)
+  out_bqkgd = jnp.einsum("bkgqs,bskd->bqkgd", probs_bkgqs, value_bkgd)
+  return out_bqkgd.reshape(b, q, h, d)
+
+
 def causal_attention(
   cfg: ModelConfig,
   query_blhd: jax.Array,
@@ -167,15 +219,16 @@ def causal_attention(
   rematerialised, so the backward pass keeps q, k, v instead of every layer's [B, H, L, L]
   probabilities (on CPU, writing and re-reading those was most of the step time). Key/value heads
   may be fewer than query heads (grouped-query attention), as `jax.nn.dot_product_attention`
-  allows.
+  allows. Sliding windows live in the mask; soft-capping and the score scale in `_attend`, so
+  every path (dense, blocked, packed) applies them.
   """
   length, block = query_blhd.shape[1], cfg.attention_block
   if cfg.attention == "dense" or length <= block:
-    return jax.nn.dot_product_attention(query_blhd, key_blkd, value_blkd, mask=mask_b1ll)
+    return _attend(cfg, query_blhd, key_blkd, value_blkd, mask_b1ll)
 
   @jax.checkpoint
   def block_attention(q_bqhd, k_bkhd, v_bkhd, mask_b1qk):
-    return jax.nn.dot_product_attention(q_bqhd, k_bkhd, v_bkhd, mask=mask_b1qk)
+    return _attend(cfg, q_bqhd, k_bkhd, v_bkhd, mask_b1qk)
 
   out_blocks = []
   for start in range(0, length, block):
@@ -196,6 +249,7 @@ def scan_layers(
   cfg: ModelConfig,
   *,
   num_broadcast: int,
+  num_scanned: int = 0,
   name: str = "layers",
   **layer_kwargs,
 ) -> nn.Module:
@@ -207,7 +261,10 @@ def scan_layers(
   Args:
     layer_cls: a linen Module class with a `cfg` attribute.
     cfg: model config (`num_layers`, `remat`).
-    num_broadcast: number of arguments after the carry, shared by all layers.
+    num_broadcast: number of arguments after the carry (and the scanned ones), shared by all
+      layers.
+    num_scanned: number of arguments right after the carry with one entry per layer (leading
+      axis of size `cfg.num_layers`).
     name: parameter scope name.
     **layer_kwargs: further attributes of the layer (e.g. whether to emit hidden states).
   """
@@ -218,7 +275,7 @@ def scan_layers(
     layer_cls,
     variable_axes={"params": 0},
     split_rngs={"params": True},
-    in_axes=(nn.broadcast,) * num_broadcast,
+    in_axes=(0,) * num_scanned + (nn.broadcast,) * num_broadcast,
     length=cfg.num_layers,
     metadata_params={nn.PARTITION_NAME: "layers"},
   )

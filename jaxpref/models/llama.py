@@ -1,11 +1,15 @@
-"""Llama-family backbone (Llama 1/2/3, grouped-query attention) and its Hugging Face conversion.
+"""Llama and the families built like it: Mistral, Qwen2/2.5, Qwen3 and Qwen3-MoE.
 
-The network is transformers' `LlamaModel` in eval mode: token embeddings, pre-RMSNorm layers with
-rotary attention (`rope_theta`, `rope_scaling` of type linear / dynamic / llama3) and a SwiGLU MLP,
-then a final RMSNorm. `num_kv_heads < num_heads` gives grouped-query attention (query head h reads
-key/value head h // (num_heads / num_kv_heads), as transformers' `repeat_kv`). Layers are stacked
-with `nn.scan` (leading "layers" axis on every layer parameter).
-
+All are the shared decoder (`jaxpref.models.decoder`) with pre-RMSNorm layers, rotary attention
+with grouped-query heads and a SwiGLU MLP; they differ in a few switches:
+  Llama     biases on q/k/v/o (`attention_bias`) and on the MLP (`mlp_bias`); RoPE scaling types
+            linear / dynamic / llama3.
+  Mistral   a sliding window on every layer (`sliding_window`).
+  Qwen2     biases on q/k/v only (never on o); a sliding window on the layers `layer_types` marks
+            (off unless `use_sliding_window`).
+  Qwen3     RMSNorm of each query and key head (q_norm / k_norm) before RoPE; `head_dim` set
+            independently of hidden_size.
+  Qwen3-MoE Qwen3 whose MLPs are softmax-routed mixtures of experts (every layer sparse).
 Word embeddings tied or not only matters to causal-LM checkpoints: a reward model has no LM head.
 """
 
@@ -13,142 +17,41 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
-import jax
-import numpy as np
-
-from jaxpref.models import hf_io, layers, rope
+from jaxpref.models import convert, decoder, rope
 from jaxpref.models.config import ModelConfig
 
-HF_PREFIX = "model"
-HF_CLASSES = ("LlamaForCausalLM", "LlamaModel", "LlamaForSequenceClassification")
+LLAMA = decoder.Family()
+QWEN2 = decoder.Family(attention_bias=(True, False))
+QWEN3 = decoder.Family(qk_norm=True)
+TABLE = decoder.hf_table(LLAMA)  # the same names for every family in this module
 
 
-class LlamaAttention(nn.Module):
-  cfg: ModelConfig
+def decoder_fields(hf_cfg: dict[str, Any], arch: str, defaults: dict[str, Any]) -> dict[str, Any]:
+  """ModelConfig fields shared by the Llama-like families (`defaults`: transformers' defaults)."""
 
-  @nn.compact
-  def __call__(
-    self, x_bld: jax.Array, mask_b1ll: jax.Array, cos_blr: jax.Array, sin_blr: jax.Array
-  ) -> jax.Array:
-    cfg = self.cfg
-    head_dim, bias = cfg.dim_per_head, cfg.attention_bias
-    query_blhd = layers.dense(
-      cfg, (cfg.num_heads, head_dim), ("embed", "heads", "head_dim"), use_bias=bias, name="q_proj"
-    )(x_bld)
-    key_blkd = layers.dense(
-      cfg, (cfg.kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), use_bias=bias, name="k_proj"
-    )(x_bld)
-    value_blkd = layers.dense(
-      cfg, (cfg.kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), use_bias=bias, name="v_proj"
-    )(x_bld)
-    query_blhd = rope.apply_rotary(query_blhd, cos_blr, sin_blr)
-    key_blkd = rope.apply_rotary(key_blkd, cos_blr, sin_blr)
-    # Query heads are grouped onto kv heads the way `repeat_kv` does.
-    out_blhd = layers.causal_attention(cfg, query_blhd, key_blkd, value_blkd, mask_b1ll)
-    return layers.dense(
-      cfg,
-      cfg.hidden_size,
-      ("heads", "head_dim", "embed"),
-      use_bias=bias,
-      name="o_proj",
-      in_axis=(-2, -1),
-    )(out_blhd)
+  def get(key: str):
+    value = hf_cfg.get(key)
+    return defaults.get(key) if value is None else value
 
-
-class LlamaMLP(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    cfg = self.cfg
-
-    def up(name: str) -> jax.Array:
-      return layers.dense(
-        cfg, cfg.intermediate_size, ("embed", "mlp"), use_bias=cfg.mlp_bias, name=name
-      )(x_bld)
-
-    h_blf = layers.activation(cfg.hidden_act)(up("gate_proj")) * up("up_proj")
-    return layers.dense(
-      cfg, cfg.hidden_size, ("mlp", "embed"), use_bias=cfg.mlp_bias, name="down_proj"
-    )(h_blf)
-
-
-class LlamaLayer(nn.Module):
-  """One layer; a `nn.scan` body `(hidden, mask, cos, sin) -> (hidden, hidden or None)`."""
-
-  cfg: ModelConfig
-  emit_hidden: bool = False
-
-  @nn.compact
-  def __call__(
-    self, hidden_bld: jax.Array, mask_b1ll: jax.Array, cos_blr: jax.Array, sin_blr: jax.Array
-  ):
-    cfg = self.cfg
-    normed_bld = layers.RMSNorm(cfg, name="input_layernorm")(hidden_bld)
-    hidden_bld = hidden_bld + LlamaAttention(cfg, name="self_attn")(
-      normed_bld, mask_b1ll, cos_blr, sin_blr
-    )
-    normed_bld = layers.RMSNorm(cfg, name="post_attention_layernorm")(hidden_bld)
-    out_bld = hidden_bld + LlamaMLP(cfg, name="mlp")(normed_bld)
-    return out_bld, (out_bld if self.emit_hidden else None)
-
-
-class Llama(nn.Module):
-  """The Llama backbone: `(input_ids_bl, attention_mask_bl) -> (hidden_bld, hidden_states)`."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(
-    self,
-    input_ids_bl: jax.Array,
-    attention_mask_bl: jax.Array,
-    *,
-    output_hidden_states: bool = False,
-    segment_ids_bl: jax.Array | None = None,
-    positions_bl: jax.Array | None = None,
-  ):
-    cfg = self.cfg
-    embedded_bld = layers.embed(cfg, cfg.vocab_size, "embed_tokens")(input_ids_bl)
-    positions_bl, mask_b1ll = layers.decoder_positions_and_mask(
-      attention_mask_bl, segment_ids_bl, positions_bl
-    )
-    cos_blr, sin_blr = rope.rotary_angles(cfg, positions_bl)
-    stack = layers.scan_layers(LlamaLayer, cfg, num_broadcast=3, emit_hidden=output_hidden_states)
-    last_bld, per_layer = stack(embedded_bld, mask_b1ll, cos_blr, sin_blr)
-    hidden_bld = layers.RMSNorm(cfg, name="norm")(last_bld)
-    if not output_hidden_states:
-      return hidden_bld, None
-    return hidden_bld, layers.stack_hidden_states(embedded_bld, per_layer, hidden_bld)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face conversion (the per-arch interface of `jaxpref.models.hf_io`).
-# ---------------------------------------------------------------------------------------------
-
-
-def config_from_hf(hf_cfg: dict[str, Any]) -> dict[str, Any]:
-  """ModelConfig fields of a `LlamaConfig` dict (defaults are transformers' defaults)."""
-  hidden, heads = hf_cfg.get("hidden_size", 4096), hf_cfg.get("num_attention_heads", 32)
-  head_dim = hf_cfg.get("head_dim") or hidden // heads
-  kv_heads = hf_cfg.get("num_key_value_heads") or heads
+  hidden, heads = get("hidden_size"), get("num_attention_heads")
+  head_dim = get("head_dim") or hidden // heads
+  kv_heads = get("num_key_value_heads") or heads
   fields = {
-    "arch": "llama",
-    "vocab_size": hf_cfg.get("vocab_size", 32000),
+    "arch": arch,
+    "vocab_size": get("vocab_size"),
     "hidden_size": hidden,
-    "num_layers": hf_cfg.get("num_hidden_layers", 32),
+    "num_layers": get("num_hidden_layers"),
     "num_heads": heads,
     "num_kv_heads": 0 if kv_heads == heads else kv_heads,
     "head_dim": 0 if head_dim * heads == hidden else head_dim,
-    "intermediate_size": hf_cfg.get("intermediate_size", 11008),
-    "max_position_embeddings": hf_cfg.get("max_position_embeddings", 2048),
-    "norm_eps": hf_cfg.get("rms_norm_eps", 1e-6),
-    "hidden_act": hf_cfg.get("hidden_act", "silu"),
+    "intermediate_size": get("intermediate_size"),
+    "max_position_embeddings": get("max_position_embeddings"),
+    "norm_eps": get("rms_norm_eps"),
+    "hidden_act": (hf_cfg.get("hidden_activation") or hf_cfg.get("hidden_act") or defaults["act"]),
     "initializer_range": hf_cfg.get("initializer_range", 0.02),
-    "attention_bias": hf_cfg.get("attention_bias", False),
-    "mlp_bias": hf_cfg.get("mlp_bias", False),
-    "tie_word_embeddings": hf_cfg.get("tie_word_embeddings", False),
+    "attention_bias": bool(hf_cfg.get("attention_bias", False)),
+    "mlp_bias": bool(hf_cfg.get("mlp_bias", False)),
+    "tie_word_embeddings": bool(get("tie_word_embeddings")),
   }
   fields.update(
     rope.rope_from_hf(
@@ -157,163 +60,202 @@ def config_from_hf(hf_cfg: dict[str, Any]) -> dict[str, Any]:
   )
   if fields["rotary_pct"] != 1.0:
     raise ValueError(
-      f"config.json partial_rotary_factor={fields['rotary_pct']}: Llama "
+      f"config.json partial_rotary_factor={fields['rotary_pct']}: {arch} "
       "checkpoints with partial rotary embeddings are not supported"
     )
-  fields.update(hf_io.special_tokens_from_hf(hf_cfg, bos=1, eos=2))
+  fields.update(convert.special_tokens_from_hf(hf_cfg, bos=defaults["bos"], eos=defaults["eos"]))
   return fields
 
 
-def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-  """A `LlamaForSequenceClassification` config.json (num_labels=1) for `cfg`.
-
-  Written in the transformers-5 layout (`rope_parameters`) plus the older `rope_theta` and
-  `rope_scaling` so that transformers 4 reads it too.
-  """
-  return hf_io.seq_cls_config(
-    cfg,
-    "LlamaForSequenceClassification",
-    {
-      "model_type": "llama",
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.hidden_size,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.kv_heads,
-      "head_dim": cfg.dim_per_head,
-      "intermediate_size": cfg.intermediate_size,
-      "hidden_act": cfg.hidden_act,
-      "max_position_embeddings": cfg.max_position_embeddings,
-      "initializer_range": cfg.initializer_range,
-      "rms_norm_eps": cfg.norm_eps,
-      "attention_bias": cfg.attention_bias,
-      "mlp_bias": cfg.mlp_bias,
-      "tie_word_embeddings": cfg.tie_word_embeddings,
-      "attention_dropout": 0.0,
-      "pretraining_tp": 1,
-      "rope_theta": cfg.rope_theta,
-      "rope_scaling": rope.rope_to_hf(cfg) if cfg.rope_scaling else None,
-      "rope_parameters": rope.rope_to_hf(cfg),
-    },
-  )
+def sliding_fields(hf_cfg: dict[str, Any], num_layers: int, *, qwen: bool) -> dict[str, Any]:
+  """`sliding_window` and `layer_types` from config.json (Mistral: every layer; Qwen: as marked)."""
+  window = hf_cfg.get("sliding_window")
+  if qwen and not hf_cfg.get("use_sliding_window", False):
+    window = None
+  if not window:
+    return {"sliding_window": 0, "layer_types": ()}
+  types = hf_cfg.get("layer_types")
+  if qwen and not types and "max_window_layers" in hf_cfg:
+    first = hf_cfg["max_window_layers"]
+    types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+  return {"sliding_window": int(window), "layer_types": tuple(types or ())}
 
 
-def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  d, f = cfg.hidden_size, cfg.intermediate_size
-  q, kv = cfg.num_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
-  shapes = {
-    "input_layernorm.weight": (d,),
-    "post_attention_layernorm.weight": (d,),
-    "self_attn.q_proj.weight": (q, d),
-    "self_attn.k_proj.weight": (kv, d),
-    "self_attn.v_proj.weight": (kv, d),
-    "self_attn.o_proj.weight": (d, q),
-    "mlp.gate_proj.weight": (f, d),
-    "mlp.up_proj.weight": (f, d),
-    "mlp.down_proj.weight": (d, f),
-  }
-  if cfg.attention_bias:
-    shapes |= {
-      "self_attn.q_proj.bias": (q,),
-      "self_attn.k_proj.bias": (kv,),
-      "self_attn.v_proj.bias": (kv,),
-      "self_attn.o_proj.bias": (d,),
-    }
-  if cfg.mlp_bias:
-    shapes |= {"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)}
-  return shapes
-
-
-def _layer_from_hf(t: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
-  hd, d = cfg.dim_per_head, cfg.hidden_size
-
-  def split_heads(name: str, heads: int) -> dict[str, np.ndarray]:
-    # [heads * head_dim, embed] -> kernel [embed, heads, head_dim].
-    p = {"kernel": t[f"self_attn.{name}.weight"].reshape(heads, hd, d).transpose(2, 0, 1)}
-    if cfg.attention_bias:
-      p["bias"] = t[f"self_attn.{name}.bias"].reshape(heads, hd)
-    return p
-
-  def linear(name: str, has_bias: bool) -> dict[str, np.ndarray]:
-    p = {"kernel": t[f"{name}.weight"].T}
-    if has_bias:
-      p["bias"] = t[f"{name}.bias"]
-    return p
-
-  o_proj = {"kernel": t["self_attn.o_proj.weight"].T.reshape(cfg.num_heads, hd, d)}
-  if cfg.attention_bias:
-    o_proj["bias"] = t["self_attn.o_proj.bias"]
+def base_config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
+  """config.json fields of a Llama-like family, in the transformers-5 layout (`rope_parameters`)
+  plus the older `rope_theta` and `rope_scaling` so that transformers 4 reads it too."""
   return {
-    "input_layernorm": {"scale": t["input_layernorm.weight"]},
-    "post_attention_layernorm": {"scale": t["post_attention_layernorm.weight"]},
-    "self_attn": {
-      "q_proj": split_heads("q_proj", cfg.num_heads),
-      "k_proj": split_heads("k_proj", cfg.kv_heads),
-      "v_proj": split_heads("v_proj", cfg.kv_heads),
-      "o_proj": o_proj,
-    },
-    "mlp": {
-      name: linear(f"mlp.{name}", cfg.mlp_bias) for name in ("gate_proj", "up_proj", "down_proj")
-    },
+    "model_type": model_type,
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.hidden_size,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.kv_heads,
+    "head_dim": cfg.dim_per_head,
+    "intermediate_size": cfg.intermediate_size,
+    "hidden_act": cfg.hidden_act,
+    "max_position_embeddings": cfg.max_position_embeddings,
+    "initializer_range": cfg.initializer_range,
+    "rms_norm_eps": cfg.norm_eps,
+    "tie_word_embeddings": cfg.tie_word_embeddings,
+    "attention_dropout": 0.0,
+    "rope_theta": cfg.rope_theta,
+    "rope_scaling": rope.rope_to_hf(cfg) if cfg.rope_scaling else None,
+    "rope_parameters": rope.rope_to_hf(cfg),
   }
 
 
-def params_from_hf(tensors: hf_io.Tensors, cfg: ModelConfig) -> dict[str, Any]:
-  """Backbone params from the tensors of any Llama checkpoint (with or without `model.`)."""
-  take = hf_io.Taker(tensors, HF_PREFIX, cfg)
-  d = cfg.hidden_size
-  layer_params = (
-    _layer_from_hf(
-      {name: take(f"layers.{i}.{name}", shape) for name, shape in _shapes(cfg).items()}, cfg
+def _layer_types(cfg: ModelConfig) -> list[str]:
+  return ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers]
+
+
+# --- Llama --------------------------------------------------------------------------------------
+
+_LLAMA_DEFAULTS = dict(
+  vocab_size=32000,
+  hidden_size=4096,
+  num_hidden_layers=32,
+  num_attention_heads=32,
+  intermediate_size=11008,
+  max_position_embeddings=2048,
+  rms_norm_eps=1e-6,
+  tie_word_embeddings=False,
+  act="silu",
+  bos=1,
+  eos=2,
+)
+
+
+def llama_config_from_hf(hf_cfg: dict[str, Any]) -> dict[str, Any]:
+  return decoder_fields(hf_cfg, "llama", _LLAMA_DEFAULTS)
+
+
+def llama_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  fields = base_config_to_hf(cfg, "llama")
+  return fields | {
+    "attention_bias": cfg.attention_bias,
+    "mlp_bias": cfg.mlp_bias,
+    "pretraining_tp": 1,
+  }
+
+
+# --- Mistral ------------------------------------------------------------------------------------
+
+
+def mistral_config_from_hf(hf_cfg: dict[str, Any]) -> dict[str, Any]:
+  defaults = _LLAMA_DEFAULTS | dict(
+    intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32
+  )
+  fields = decoder_fields(hf_cfg, "mistral", defaults)
+  window = hf_cfg.get("sliding_window", 4096)
+  return fields | {"sliding_window": int(window or 0)}
+
+
+def mistral_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  if cfg.layer_types and not all(cfg.sliding_layers):
+    raise ValueError("Mistral slides on every layer; model.layer_types mixes full and sliding")
+  return base_config_to_hf(cfg, "mistral") | {"sliding_window": cfg.sliding_window or None}
+
+
+# --- Qwen2 / Qwen3 / Qwen3-MoE --------------------------------------------------------------------
+
+_QWEN_DEFAULTS = _LLAMA_DEFAULTS | dict(
+  vocab_size=151936,
+  intermediate_size=22016,
+  num_key_value_heads=32,
+  max_position_embeddings=32768,
+  bos=None,
+  eos=None,
+)
+
+
+def _qwen_from_hf(hf_cfg: dict[str, Any], arch: str, defaults: dict[str, Any]) -> dict[str, Any]:
+  fields = decoder_fields(hf_cfg, arch, defaults)
+  return fields | sliding_fields(hf_cfg, fields["num_layers"], qwen=True)
+
+
+def _qwen_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
+  return base_config_to_hf(cfg, model_type) | {
+    "use_sliding_window": bool(cfg.sliding_window),
+    "sliding_window": cfg.sliding_window or None,
+    "max_window_layers": cfg.num_layers,
+    "layer_types": _layer_types(cfg),
+  }
+
+
+def qwen2_config_from_hf(hf_cfg: dict[str, Any]) -> dict[str, Any]:
+  return _qwen_from_hf(hf_cfg, "qwen2", _QWEN_DEFAULTS)
+
+
+def qwen2_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  return _qwen_to_hf(cfg, "qwen2")
+
+
+def qwen3_config_from_hf(hf_cfg: dict[str, Any]) -> dict[str, Any]:
+  return _qwen_from_hf(hf_cfg, "qwen3", _QWEN_DEFAULTS | {"head_dim": 128})
+
+
+def qwen3_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  return _qwen_to_hf(cfg, "qwen3") | {"attention_bias": cfg.attention_bias}
+
+
+def qwen3_moe_config_from_hf(hf_cfg: dict[str, Any]) -> dict[str, Any]:
+  defaults = _QWEN_DEFAULTS | dict(
+    hidden_size=2048, num_hidden_layers=24, intermediate_size=6144, num_key_value_heads=4
+  )
+  fields = decoder_fields(hf_cfg, "qwen3_moe", defaults)
+  if hf_cfg.get("decoder_sparse_step", 1) != 1 or hf_cfg.get("mlp_only_layers"):
+    raise ValueError(
+      "config.json decoder_sparse_step != 1 or mlp_only_layers: Qwen3-MoE checkpoints with dense "
+      "layers among the sparse ones are not supported"
     )
-    for i in range(cfg.num_layers)
+  window = hf_cfg.get("sliding_window") if hf_cfg.get("use_sliding_window") else None
+  return fields | {
+    # transformers 5 writes `num_local_experts`; older files `num_experts`.
+    "num_experts": hf_cfg.get("num_local_experts") or hf_cfg.get("num_experts") or 128,
+    "num_experts_per_tok": hf_cfg.get("num_experts_per_tok", 8),
+    "moe_intermediate_size": hf_cfg.get("moe_intermediate_size", 768),
+    "norm_topk_prob": bool(hf_cfg.get("norm_topk_prob", False)),
+    "sliding_window": int(window or 0),
+  }
+
+
+def qwen3_moe_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  if cfg.layer_types and not all(cfg.sliding_layers):
+    raise ValueError("Qwen3-MoE slides on every layer or none; model.layer_types mixes them")
+  return base_config_to_hf(cfg, "qwen3_moe") | {
+    "attention_bias": cfg.attention_bias,
+    "use_sliding_window": bool(cfg.sliding_window),
+    "sliding_window": cfg.sliding_window or None,
+    "num_experts": cfg.num_experts,
+    "num_local_experts": cfg.num_experts,
+    "num_experts_per_tok": cfg.num_experts_per_tok,
+    "moe_intermediate_size": cfg.moe_intermediate_size,
+    "norm_topk_prob": cfg.norm_topk_prob,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+  }
+
+
+def _arch(name: str, family: decoder.Family, hf: str, model_type: str, from_hf, to_hf):
+  return convert.Arch(
+    name=name,
+    backbone=lambda cfg, name: decoder.Decoder(cfg, family, name=name),
+    model_types=(model_type,),
+    classes=(f"{hf}ForCausalLM", f"{hf}Model", f"{hf}ForSequenceClassification"),
+    hf_prefix="model",
+    config_from_hf=from_hf,
+    config_to_hf=to_hf,
+    table=lambda cfg: TABLE,
   )
-  return {
-    "embed_tokens": {"embedding": take("embed_tokens.weight", (cfg.vocab_size, d))},
-    "layers": hf_io.stack_layers(layer_params, cfg.num_layers),
-    "norm": {"scale": take("norm.weight", (d,))},
-  }
 
 
-def _layer_to_hf(p: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
-  d = cfg.hidden_size
-  attn = p["self_attn"]
-  out = {
-    "input_layernorm.weight": p["input_layernorm"]["scale"],
-    "post_attention_layernorm.weight": p["post_attention_layernorm"]["scale"],
-    "self_attn.o_proj.weight": attn["o_proj"]["kernel"].reshape(-1, d).T,
-  }
-  for name in ("q_proj", "k_proj", "v_proj"):
-    kernel = attn[name]["kernel"]
-    out[f"self_attn.{name}.weight"] = kernel.transpose(1, 2, 0).reshape(-1, d)
-    if cfg.attention_bias:
-      out[f"self_attn.{name}.bias"] = attn[name]["bias"].reshape(-1)
-  if cfg.attention_bias:
-    out["self_attn.o_proj.bias"] = attn["o_proj"]["bias"]
-  for name in ("gate_proj", "up_proj", "down_proj"):
-    out[f"mlp.{name}.weight"] = p["mlp"][name]["kernel"].T
-    if cfg.mlp_bias:
-      out[f"mlp.{name}.bias"] = p["mlp"][name]["bias"]
-  return out
-
-
-def params_to_hf(backbone_params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """`model.`-prefixed Hugging Face tensors of the backbone params."""
-  p = hf_io.to_numpy(backbone_params)
-  out = {"embed_tokens.weight": p["embed_tokens"]["embedding"], "norm.weight": p["norm"]["scale"]}
-  for i in range(cfg.num_layers):
-    layer = jax.tree.map(lambda x, i=i: x[i], p["layers"])
-    out |= {f"layers.{i}.{k}": v for k, v in _layer_to_hf(layer, cfg).items()}
-  return hf_io.with_prefix(out, HF_PREFIX)
-
-
-def head_params_from_hf(tensors: hf_io.Tensors, cfg: ModelConfig) -> dict[str, Any]:
-  return hf_io.score_head_from_hf(tensors, cfg)
-
-
-def head_params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
-  return hf_io.score_head_to_hf(params, cfg)
-
-
-def hf_incompatibility(cfg: ModelConfig) -> str | None:
-  return hf_io.last_token_incompatibility(cfg, "LlamaForSequenceClassification")
+ARCHS = (
+  _arch("llama", LLAMA, "Llama", "llama", llama_config_from_hf, llama_config_to_hf),
+  _arch("mistral", LLAMA, "Mistral", "mistral", mistral_config_from_hf, mistral_config_to_hf),
+  _arch("qwen2", QWEN2, "Qwen2", "qwen2", qwen2_config_from_hf, qwen2_config_to_hf),
+  _arch("qwen3", QWEN3, "Qwen3", "qwen3", qwen3_config_from_hf, qwen3_config_to_hf),
+  _arch(
+    "qwen3_moe", QWEN3, "Qwen3Moe", "qwen3_moe", qwen3_moe_config_from_hf, qwen3_moe_config_to_hf
+  ),
+)

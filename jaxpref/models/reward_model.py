@@ -7,33 +7,14 @@ their logical axis names come from `logical_axes(cfg)`.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpref.models import layers
+from jaxpref.models import layers, registry
 from jaxpref.models.config import ModelConfig
-
-# arch -> "module:Class" of a backbone. A backbone is a linen Module constructed as
-# `Backbone(cfg=cfg, name="backbone")` and called as
-# `backbone(input_ids_bl, attention_mask_bl, output_hidden_states=bool)`, returning
-# `(hidden_bld, hidden_states_lbld_or_None)` where `hidden_bld` is the final (normed) hidden state
-# and `hidden_states_lbld` stacks what Hugging Face returns with `output_hidden_states=True`.
-BACKBONES = {
-  "gpt_neox": "jaxpref.models.gpt_neox:GPTNeoX",
-  "llama": "jaxpref.models.llama:Llama",
-  "bert": "jaxpref.models.bert:Bert",
-}
-
-
-def backbone_class(arch: str) -> type[nn.Module]:
-  if arch not in BACKBONES:
-    raise ValueError(f"model.arch={arch!r} is not supported; choose one of {sorted(BACKBONES)}")
-  module_name, class_name = BACKBONES[arch].split(":")
-  return getattr(importlib.import_module(module_name), class_name)
 
 
 def last_token_index(attention_mask_bl: jax.Array) -> jax.Array:
@@ -99,7 +80,7 @@ def pool(
 
 def check_packable(cfg: ModelConfig) -> None:
   """Packed rows need a causal decoder (segments must not see later ones) and `last` pooling."""
-  if cfg.arch == "bert" or cfg.pooling != "last":
+  if not registry.get(cfg.arch).decoder or cfg.pooling != "last":
     raise ValueError(
       f"data.packing needs a decoder with last-token pooling; model.arch={cfg.arch!r}, "
       f"model.pooling={cfg.pooling!r}"
@@ -132,7 +113,11 @@ class RewardModel(nn.Module):
     packed: dict[str, jax.Array] | None = None,
   ) -> dict[str, Any]:
     cfg = self.cfg
-    backbone = backbone_class(cfg.arch)(cfg=cfg, name="backbone")
+    # A backbone is called as `backbone(input_ids_bl, attention_mask_bl, output_hidden_states=..)`
+    # (decoders also take `segment_ids_bl`, `positions_bl`) and returns `(hidden_bld, states)`:
+    # the final (normed) hidden states and, if asked, what Hugging Face returns with
+    # `output_hidden_states=True` stacked as [num_layers + 1, B, L, D].
+    backbone = registry.get(cfg.arch).backbone(cfg, "backbone")
     if packed is None:
       hidden_bld, hidden_states = backbone(
         input_ids_bl, attention_mask_bl, output_hidden_states=output_hidden_states

@@ -8,9 +8,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from jaxpref.data import contract as input_contract
-from jaxpref.models import reward_model
+from jaxpref.models import hf_io, presets, reward_model
 from jaxpref.models.config import ModelConfig
 from jaxpref.training import workdir as workdir_lib
 
@@ -22,8 +23,6 @@ def model_config_from_config(model: ml_collections.ConfigDict) -> ModelConfig:
   """The ModelConfig that `model.*` describes (random init from its size fields, or a preset)."""
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   if model.preset:
-    from jaxpref.models import presets
-
     cfg = presets.preset(model.preset)
     changes = {k: model[k] for k in RUNTIME_FIELDS}
   else:
@@ -36,17 +35,25 @@ def model_config_from_config(model: ml_collections.ConfigDict) -> ModelConfig:
   return cfg.replace(**changes)
 
 
-def load_model(model: ml_collections.ConfigDict, seed: int) -> tuple[ModelConfig, dict | None]:
-  """`(cfg, params)`: params from `model.path` (an HF dir) or None for a random init."""
+def load_model(
+  model: ml_collections.ConfigDict, seed: int, mesh: jax.sharding.Mesh | None = None
+) -> tuple[ModelConfig, dict | None]:
+  """`(cfg, params)`: params from `model.path` (an HF dir) or None for a random init.
+
+  With `mesh`, the params come back sharded over it, each process having read only its own
+  devices' slices of the checkpoint (`hf_io.load_hf(..., mesh=...)`).
+  """
   if not model.path:
     return model_config_from_config(model), None
-  from jaxpref.models import hf_io
-
   # The pooling goes to load_hf, which initialises the heads it needs (BERT's pooler).
-  cfg, params = hf_io.load_hf(model.path, head_seed=seed, pooling=model.pooling or None)
-  cfg = cfg.replace(**{k: model[k] for k in RUNTIME_FIELDS})
-  params = jax.tree.map(lambda p: p.astype(cfg.jnp_param_dtype), params)
-  return cfg, params
+  cfg, params = hf_io.load_hf(
+    model.path,
+    head_seed=seed,
+    mesh=mesh,
+    param_dtype=model.param_dtype,
+    pooling=model.pooling or None,
+  )
+  return cfg.replace(**{k: model[k] for k in RUNTIME_FIELDS}), params
 
 
 def load_for_inference(
@@ -56,12 +63,20 @@ def load_for_inference(
   if bool(model) == bool(workdir):
     raise ValueError("give exactly one of --model=HF_DIR or --workdir=DIR")
   if model:
-    from jaxpref.models import hf_io
-
     cfg, params = hf_io.load_hf(model)
     return cfg, params, model, None
   cfg = workdir_lib.read_model_config(workdir)
-  abstract = reward_model.abstract_params(cfg)
+  # A concrete target sharding: a checkpoint written by a multi-process run names devices that
+  # this run may not have. One device, or replicated over all when this run is multi-process.
+  if jax.process_count() == 1:
+    target = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  else:
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
+    target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target),
+    reward_model.abstract_params(cfg),
+  )
   step, params = workdir_lib.restore_params(workdir, step, abstract)
   tokenizer_path = str(Path(workdir) / "tokenizer")
   return cfg, params, tokenizer_path, step

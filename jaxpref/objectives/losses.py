@@ -118,7 +118,11 @@ def _affine_minimizer(
   matrix_kt = jnp.dot(factor_kt, projector_tt, precision=_HIGHEST)
   target_k = -(center_k + jnp.dot(factor_kt, uniform_t, precision=_HIGHEST))
   u_kk, sing_k, vt_kt = jnp.linalg.svd(matrix_kt, full_matrices=False)
-  keep_k = sing_k > rcond * jnp.max(sing_k)
+  # An absolute cutoff: the caller scales the vectors to unit largest norm, so singular values
+  # below `rcond` are rounding noise (identical vectors leave offsets of ~1e-8). A cutoff
+  # relative to the largest singular value would keep that noise when it is all there is, and
+  # turn identical vectors into one-hot weights that differ between eager and jit.
+  keep_k = sing_k > rcond * jnp.maximum(jnp.max(sing_k), 1.0)
   coeffs_k = jnp.dot(u_kk.T, target_k, precision=_HIGHEST)
   coeffs_k = jnp.where(keep_k, coeffs_k / jnp.where(keep_k, sing_k, 1.0), 0.0)
   step_t = jnp.dot(projector_tt, jnp.dot(vt_kt.T, coeffs_k, precision=_HIGHEST), precision=_HIGHEST)
@@ -156,7 +160,8 @@ def min_norm_weights(
       take no part in the problem. If all are False the result is all zeros.
     max_iters: cap on active-set steps for T > 2 (static); default `4 * T + 8`.
     rel_tol: stopping tolerance on the duality gap, relative to the largest squared norm.
-    rcond: relative singular-value cutoff of the least-squares solves for affine minimisers.
+    rcond: singular-value cutoff of the least-squares solves for affine minimisers, relative to
+      the vectors scaled to unit largest norm (so absolute: noise below it is dropped).
 
   Returns:
     weights_t: non-negative, summing to 1 over the masked-in tasks.

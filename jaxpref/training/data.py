@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,20 @@ class TrainData:
   contract: input_contract.InputContract | None = None
 
 
+def split_files(text: str) -> list[str]:
+  """The paths of a comma-separated `data.files`; `\\,` is a comma inside a path.
+
+  A value that names one existing file is that file, commas and all.
+  """
+  if "," in text and Path(text.strip()).is_file():
+    return [text.strip()]
+  parts = re.split(r"(?<!\\),", text)
+  return [p.replace("\\,", ",").strip() for p in parts if p.strip()]
+
+
 def task_files(data: ml_collections.ConfigDict) -> list[tuple[str, str]]:
   """`(task_name, path)` per data file; names are file stems unless `data.task_names` is set."""
-  files = [f.strip() for f in data.files.split(",") if f.strip()]
+  files = split_files(data.files)
   if not files:
     raise DataConfigError("data.files is empty: give comma-separated preference files")
   names = [n.strip() for n in data.task_names.split(",") if n.strip()]
@@ -140,7 +152,7 @@ def prepare(
     )
     summary = summary.merge(file_summary)
     if not items:
-      raise DataConfigError(f"{path}: no usable preference items")
+      raise DataConfigError(f"{path}: no usable preference items ({file_summary.describe()})")
     # A domain-specific file yields one task per domain (`<name>_<domain>`).
     for task, task_items in group_by_task(items).items():
       if task in train_items:
@@ -151,6 +163,9 @@ def prepare(
         "task %s: %d train / %d eval items from %s", task, len(train), len(held_out), path
       )
   task_names = select_tasks(list(train_items), data.tasks)
+  responses_per_item = data.get("responses_per_item", 0) or max(
+    2, max(item.num_responses for t in task_names for item in train_items[t])
+  )
   train_pipeline = pipeline.build_train_pipeline(
     [train_items[t] for t in task_names],
     tokenizer,
@@ -162,6 +177,7 @@ def prepare(
     num_steps=config.train.steps or None,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    responses_per_item=responses_per_item,
     buckets=tokenize.length_buckets(data.max_length, data.min_bucket, data.bucket_multiple),
     packing_row_length=data.max_length if data.packing else 0,
     packing_row_multiple=row_multiple,

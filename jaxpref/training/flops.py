@@ -41,8 +41,11 @@ def matmul_params(cfg: ModelConfig) -> int:
   """Parameters that take part in a matmul per token (embeddings and the 1-output head excluded)."""
   d, heads, kv, head_dim = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
   attention = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o; k, v.
-  gated = cfg.arch == "llama"
-  mlp = d * cfg.intermediate_size * (3 if gated else 2)
+  if cfg.num_experts:  # the router, and the chosen experts' gated MLPs
+    mlp = d * cfg.num_experts + cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size
+  else:
+    gated = cfg.arch not in ("gpt_neox", "bert")  # SwiGLU / GeGLU: gate, up and down
+    mlp = d * cfg.intermediate_size * (3 if gated else 2)
   pooler = d * d if cfg.pooling == "pooler" else 0
   return cfg.num_layers * (attention + mlp) + pooler
 

@@ -40,7 +40,10 @@ def _json_value(value: float) -> float | str:
 class MetricsWriter:
   """Appends metrics to `metrics.jsonl` and TensorBoard; a no-op on processes other than 0."""
 
-  def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+  def __init__(
+    self, workdir: str | Path, *, tensorboard: bool = True, purge_step: int | None = None
+  ):
+    """`purge_step`: a resumed run's first new step; TensorBoard drops events from it on."""
     self.active = jax.process_index() == 0
     self._tb = None
     self._file = None
@@ -52,7 +55,7 @@ class MetricsWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge_step)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.active:
