@@ -367,9 +367,9 @@ def test_every_program_agrees_per_arch(tmp_path, arch, preferences_dir):
 
   overrides = list(ARCH_OVERRIDES[arch])
   if arch == "minilm":
-    from jaxpref.models import bert
+    from jaxpref.models import minilm
 
-    path = bert.minilm_path()
+    path = minilm.minilm_path()
     overrides += [f"--config.model.path={path}", f"--config.data.tokenizer={path}"]
   rows = json.loads((preferences_dir / "helpful.json").read_text())[:60]
   data = tmp_path / "helpful.jsonl"
