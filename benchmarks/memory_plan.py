@@ -17,6 +17,10 @@ Tokens per device = global_batch * responses * seq_len / (data * fsdp).
   remat:     layers * h (each layer's input) + one layer's per_layer (recomputed in backward)
 Embedding output and the reward head are left out (one h per token; negligible).
 
+With `--lora_rank R` (LoRA, `jaxpref.models.lora`) the parameters include the adapters, but only
+the trainable part (adapters and reward head) has gradients and AdamW moments; the frozen base is
+stored in `--param_dtype` and counted once.
+
   .venv/bin/python benchmarks/memory_plan.py --json /tmp/memory_plan.json
 """
 
@@ -36,7 +40,8 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from jaxpref import sharding
-from jaxpref.models import presets, reward_model
+from jaxpref.models import lora, presets, reward_model
+from jaxpref.training import trainable
 
 GIB = 1024**3
 DEFAULT_PRESETS = ("pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "llama-2-7b")
@@ -92,11 +97,18 @@ def activation_bytes(
 
 def plan(name: str, mesh: FakeMesh, args) -> dict:
   cfg = presets.preset(name, param_dtype=args.param_dtype, dtype=args.dtype)
+  if args.lora_rank:
+    targets = lora.parse_targets(args.lora_targets)
+    cfg = cfg.replace(lora=lora.LoraConfig(rank=args.lora_rank, targets=targets))
   abstract = reward_model.abstract_params(cfg)
   logical = reward_model.logical_axes(cfg)
   total, params = param_bytes_per_device(abstract, logical, mesh)
-  # AdamW's mu and nu have the parameters' shapes and dtypes and are sharded like them.
-  optimizer, grads = 2 * params, params
+  # AdamW's mu and nu have the trainable parameters' shapes and dtypes and are sharded like them;
+  # so are the gradients (all parameters without LoRA).
+  _, trained = param_bytes_per_device(
+    trainable.trainable_params(cfg, abstract), trainable.trainable_params(cfg, logical), mesh
+  )
+  optimizer, grads = 2 * trained, trained
   act = {
     r: activation_bytes(cfg, mesh, args.global_batch, args.responses, args.seq_len, r)
     for r in (False, True)
@@ -106,7 +118,9 @@ def plan(name: str, mesh: FakeMesh, args) -> dict:
     "preset": name,
     "mesh": dict(mesh.shape),
     "devices": devices,
+    "lora_rank": args.lora_rank,
     "num_params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))),
+    "num_trainable_params": lora.count_trainable(cfg, abstract)[0],
     "param_bytes_total": total,
     "params_per_device": params,
     "optimizer_per_device": optimizer,
@@ -129,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--seq_len", type=int, default=512)
   parser.add_argument("--param_dtype", default="float32")
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (activations)")
+  parser.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+  parser.add_argument("--lora_targets", default="attention,mlp", help="LoRA's lora.targets")
   parser.add_argument("--smoke", action="store_true", help="one preset, one mesh (CI)")
   parser.add_argument("--json", type=Path, default=None, help="also write the results here")
   args = parser.parse_args(argv)
@@ -139,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
   print(
     f"GiB per device; batch {args.global_batch}x{args.responses} x {args.seq_len} tokens, "
     f"params {args.param_dtype}, activations {args.dtype}"
+    + (f", LoRA rank {args.lora_rank} on {args.lora_targets}" if args.lora_rank else "")
   )
   head = (
     f"{'preset':<12} {'mesh d,f,t':>10} {'params':>7} {'adamw':>7} {'grads':>7} "
@@ -163,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     "seq_len": args.seq_len,
     "param_dtype": args.param_dtype,
     "dtype": args.dtype,
+    "lora_rank": args.lora_rank,
+    "lora_targets": args.lora_targets if args.lora_rank else "",
     "machine": platform.platform(),
     "cpus": os.cpu_count(),
     "rows": rows,

@@ -57,6 +57,7 @@ class Plan:
   num_devices: int
   mesh: dict[str, int]
   param_count: int
+  trainable_param_count: int
   param_bytes_total: int
   param_bytes_per_device: int
   opt_state_bytes_total: int
@@ -119,10 +120,12 @@ def plan(config, devices, target: str) -> Plan:
 
   from jaxpref import sharding
   from jaxpref.data.batch import PaddedBatch
+  from jaxpref.models import lora
   from jaxpref.models.source import model_config_from_config
   from jaxpref.training import step as train_step_lib
 
-  model_cfg = model_config_from_config(config.model)
+  # LoRA (lora.rank > 0): adapters added, optimizer state only for what trains.
+  model_cfg = model_config_from_config(config.model).replace(lora=lora.from_config(config.lora))
   mesh = sharding.make_mesh(
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=list(devices)
   )
@@ -163,6 +166,7 @@ def plan(config, devices, target: str) -> Plan:
     num_devices=len(devices),
     mesh={k: int(v) for k, v in mesh.shape.items()},
     param_count=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
+    trainable_param_count=lora.count_trainable(model_cfg, abstract_state.params)[0],
     param_bytes_total=param_total,
     param_bytes_per_device=param_per_device,
     opt_state_bytes_total=opt_total,
@@ -185,6 +189,7 @@ def markdown(p: Plan) -> str:
     ("devices", str(p.num_devices)),
     ("mesh", str(p.mesh)),
     ("parameters", f"{p.param_count:,}"),
+    ("trainable parameters", f"{p.trainable_param_count:,}"),
     ("params total", _gib(p.param_bytes_total)),
     ("params / device", _gib(p.param_bytes_per_device)),
     ("optimizer state / device", _gib(p.opt_state_bytes_per_device)),

@@ -166,7 +166,7 @@ def evaluate_files(
   """
   from jaxpref.data import reader
   from jaxpref.evaluation import evaluator as evaluation
-  from jaxpref.evaluation import plots
+  from jaxpref.evaluation import plots, reward_stats
 
   output = Path(output)
   output.mkdir(parents=True, exist_ok=True)
@@ -198,11 +198,11 @@ def evaluate_files(
     summaries[name] = summary
     all_rewards.append(rewards_bn)
     all_scores.append(scores_bn)
-  reports["all"] = evaluation.report_for(
-    *evaluation.concat_padded(all_rewards, all_scores),
-    n_bootstrap=n_bootstrap,
-    temperature=temperature,
-  )
+  pooled = evaluation.concat_padded(all_rewards, all_scores)
+  reports["all"] = evaluation.report_for(*pooled, n_bootstrap=n_bootstrap, temperature=temperature)
+  # Reward mean / std over these files (`jaxpref.score --normalize` can use them).
+  reports["all"]["reward_stats"] = reward_stats.compute(*pooled)
+  reward_stats.write(output, reports["all"]["reward_stats"])
   for name, report in reports.items():
     plots.reliability_diagram(
       report, output / f"reliability_{name}.png", title=f"{name}: ECE-10 {report['ece_10']:.3f}"

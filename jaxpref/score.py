@@ -27,6 +27,7 @@ from absl import app, flags, logging
 
 from jaxpref import cli
 from jaxpref.data.errors import DataError
+from jaxpref.evaluation import reward_stats
 
 FLAGS = flags.FLAGS
 
@@ -52,6 +53,12 @@ def define_flags() -> None:
     False,
     "Divide rewards by the temperature stored in the model dir / workdir "
     "(temperature.json, written by `jaxpref.eval --fit_temperature`).",
+  )
+  flags.DEFINE_boolean(
+    "normalize",
+    False,
+    "Standardise rewards with the held-out mean / std stored with the model dir / workdir "
+    "(reward_stats.json, or config.json's mean / std): (reward - mean) / std.",
   )
   flags.DEFINE_enum(
     "on_error",
@@ -144,8 +151,9 @@ def score_records(
   contract=None,
   max_length: int | None = None,
   temperature: float = 1.0,
+  stats: dict[str, Any] | None = None,
   progress: bool = False,
-  stats: Counter | None = None,
+  counts: Counter | None = None,
 ) -> tuple[list[dict], Counter]:
   """Adds rewards to each record (see module docstring); returns the output records and skips.
 
@@ -153,7 +161,8 @@ def score_records(
     contract: the model's `InputContract` (`models.source.load_tokenizer_and_contract`); without
       it, what transformers does with `tokenizer` and `max_length` (default: the tokenizer's).
 
-    stats: if given, gets `truncated` (texts cut) and `identical_after_truncation` (best-of-n
+    stats: `jaxpref.evaluation.reward_stats` to standardise the rewards: (reward - mean) / std.
+    counts: if given, gets `truncated` (texts cut) and `identical_after_truncation` (best-of-n
       records with distinct responses that tie once cut) added.
 
   Returns:
@@ -181,14 +190,16 @@ def score_records(
     return [], skipped
   encoded, cut = encode_texts(flat_texts, tokenizer, contract.tokenize_options())
   rewards = scorer.score_token_ids(encoded, progress=progress) / temperature
-  stats = Counter() if stats is None else stats
-  stats["truncated"] += int(cut.sum())
+  counts = Counter() if counts is None else counts
+  counts["truncated"] += int(cut.sum())
+  if stats is not None:
+    rewards = reward_stats.normalize(rewards, stats)
   outputs, offset = [], 0
   for record, kind, texts in parsed:
     values = [float(r) for r in rewards[offset : offset + len(texts)]]
     rows = {encoded[i].tobytes() for i in range(offset, offset + len(texts))}
     if kind == "best_of_n" and len(rows) < len(set(texts)):
-      stats["identical_after_truncation"] += 1
+      counts["identical_after_truncation"] += 1
     offset += len(texts)
     out = dict(record)
     if kind == "single":
@@ -227,7 +238,18 @@ def main(argv) -> None:
     padding_side=contract.padding_side,
   )
   temperature = read_temperature(FLAGS.model or FLAGS.workdir) if FLAGS.apply_temperature else 1.0
-  stats: Counter = Counter()
+  counts: Counter = Counter()
+  stats = None
+  if FLAGS.normalize:
+    if FLAGS.apply_temperature:
+      raise app.UsageError("--normalize and --apply_temperature are exclusive; use one")
+    stats = reward_stats.read(FLAGS.model or FLAGS.workdir)
+    if stats is None:
+      raise app.UsageError(
+        f"--normalize: {FLAGS.model or FLAGS.workdir} has no reward statistics "
+        f"({reward_stats.FILE} or config.json mean / std); train with held-out data or run "
+        "jaxpref.eval first"
+      )
   outputs, more_skipped = score_records(
     scorer,
     tokenizer,
@@ -237,8 +259,9 @@ def main(argv) -> None:
     on_error=FLAGS.on_error,
     source=FLAGS.data,
     temperature=temperature,
-    progress=FLAGS.progress and len(records) > 64,
     stats=stats,
+    progress=FLAGS.progress and len(records) > 64,
+    counts=counts,
   )
   skipped.update(more_skipped)
   Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
@@ -249,8 +272,8 @@ def main(argv) -> None:
     "read": len(records) + skipped["invalid_json"],
     "scored": len(outputs),
     "skipped": dict(skipped),
-    "truncated": stats["truncated"],
-    "identical_after_truncation": stats["identical_after_truncation"],
+    "truncated": counts["truncated"],
+    "identical_after_truncation": counts["identical_after_truncation"],
   }
   if summary["identical_after_truncation"]:
     logging.warning(

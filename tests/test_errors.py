@@ -11,6 +11,7 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,15 @@ def run_cases(program: str, cases: list[list[str]], tmp_path: Path) -> list[dict
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's bar, drawn before a failure shows up
+
+
 def assert_one_line_error(result: dict, program: str, *needles: str) -> str:
-  lines = [line for line in result["stderr"].splitlines() if line.strip()]
+  lines = [
+    line
+    for line in result["stderr"].replace("\r", "\n").splitlines()
+    if line.strip() and not PROGRESS_BAR.search(line)
+  ]
   assert result["code"] == 2, result["stderr"][-3000:]
   assert "Traceback" not in result["stderr"], result["stderr"][-3000:]
   assert len(lines) == 1, lines

@@ -154,7 +154,7 @@ def test_every_path_gives_the_training_reward(run):
   notes = Counter()
   scored, _ = score.score_records(
     scorer, tokenizer, records, contract=contract, template="{prompt}{response}",
-    on_error="raise", source="pairs", stats=notes,
+    on_error="raise", source="pairs", counts=notes,
   )  # fmt: skip
   score_rewards = np.array([r for out in scored for r in out["rewards"]])
   np.testing.assert_allclose(score_rewards, train_rewards, atol=TOL)
@@ -217,10 +217,10 @@ def test_score_counts_best_of_n_made_identical_by_truncation(run):
   scorer = Scorer(cfg, params, max_length=contract.max_length, pad_token_id=contract.pad_id)
   kwargs = dict(template="{prompt}{response}", on_error="raise", source="bon")
   left, right = Counter(), Counter()
-  score.score_records(scorer, tok, records, contract=contract, stats=left, **kwargs)
+  score.score_records(scorer, tok, records, contract=contract, counts=left, **kwargs)
   assert left["identical_after_truncation"] == 0  # left truncation keeps the responses
   out, skipped = score.score_records(
-    scorer, tok, records, contract=contract.replace(truncation_side="right"), stats=right, **kwargs
+    scorer, tok, records, contract=contract.replace(truncation_side="right"), counts=right, **kwargs
   )
   assert right["identical_after_truncation"] == 1 and not skipped
   assert out[0]["rewards"][0] == out[0]["rewards"][1]

@@ -16,7 +16,7 @@ import numpy as np
 from jaxpref.data import eval_batches, tokenize
 from jaxpref.data.contract import InputContract
 from jaxpref.data.records import PreferenceItem
-from jaxpref.evaluation import calibration, scoring
+from jaxpref.evaluation import calibration, reward_stats, scoring
 from jaxpref.models.config import ModelConfig
 
 # The metrics logged per task during training (the full report has more).
@@ -151,9 +151,9 @@ class TrainEvaluator:
       all_rewards.append(rewards_bn)
       all_scores.append(scores_bn)
     if all_rewards:
-      per_task["all"] = report_for(
-        *concat_padded(all_rewards, all_scores), n_bootstrap=self.n_bootstrap
-      )
+      pooled = concat_padded(all_rewards, all_scores)
+      per_task["all"] = report_for(*pooled, n_bootstrap=self.n_bootstrap)
+      per_task["all"]["reward_stats"] = reward_stats.compute(*pooled)
     return per_task
 
   def evaluate(self, params) -> dict[str, float]:

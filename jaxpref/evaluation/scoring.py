@@ -20,7 +20,12 @@ from jaxpref.models.config import ModelConfig
 
 
 def score_fn(
-  cfg: ModelConfig, params, input_ids_bnl: jax.Array, attention_mask_bnl: jax.Array
+  cfg: ModelConfig,
+  params,
+  input_ids_bnl: jax.Array,
+  attention_mask_bnl: jax.Array,
+  *,
+  dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Rewards of every response of every item.
 
@@ -29,6 +34,7 @@ def score_fn(
     params: reward-model parameters.
     input_ids_bnl: token ids, [B, N, L] (or [B, L], treated as N = 1 and squeezed back).
     attention_mask_bnl: 1 on real tokens, same shape.
+    dropout_rng: turns on the model's dropout (training with `lora.dropout` only).
 
   Returns:
     rewards_bn (float32) and the pooled embeddings pooled_bnd that the linear head saw.
@@ -38,7 +44,11 @@ def score_fn(
     input_ids_bnl, attention_mask_bnl = input_ids_bnl[:, None], attention_mask_bnl[:, None]
   b, n, length = input_ids_bnl.shape
   outputs = reward_model.apply(
-    cfg, params, input_ids_bnl.reshape(b * n, length), attention_mask_bnl.reshape(b * n, length)
+    cfg,
+    params,
+    input_ids_bnl.reshape(b * n, length),
+    attention_mask_bnl.reshape(b * n, length),
+    dropout_rng=dropout_rng,
   )
   rewards_bn = outputs["rewards"].reshape(b, n)
   pooled_bnd = outputs["pooled"].reshape(b, n, -1)
@@ -47,10 +57,15 @@ def score_fn(
   return rewards_bn, pooled_bnd
 
 
-def score_batch(cfg: ModelConfig, params, batch: TrainBatch) -> tuple[jax.Array, jax.Array]:
-  """`score_fn` on a training batch, padded or packed (`jaxpref.data.batch`)."""
+def score_batch(
+  cfg: ModelConfig, params, batch: TrainBatch, *, dropout_rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """`score_fn` on a training batch, padded or packed (`jaxpref.data.batch`).
+
+  `dropout_rng` (training only) turns on the model's dropout (LoRA's `lora.dropout`).
+  """
   if isinstance(batch, PaddedBatch):
-    return score_fn(cfg, params, batch.input_ids, batch.attention_mask)
+    return score_fn(cfg, params, batch.input_ids, batch.attention_mask, dropout_rng=dropout_rng)
   b, n = batch.scores.shape
   outputs = reward_model.apply(
     cfg,
@@ -62,6 +77,7 @@ def score_batch(cfg: ModelConfig, params, batch: TrainBatch) -> tuple[jax.Array,
       "positions": batch.positions,
       "last_index": batch.last_index,
     },
+    dropout_rng=dropout_rng,
   )
   return outputs["rewards"].reshape(b, n), outputs["pooled"].reshape(b, n, -1)
 

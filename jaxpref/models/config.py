@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxpref.models.lora import LoraConfig
+
 # Every architecture name; `jaxpref.models.registry.ARCHS` holds their implementations (a test
 # checks the two agree). Kept here as plain names so that the config validates without importing
 # the networks.
@@ -88,6 +90,8 @@ class ModelConfig:
   # Same numbers either way (up to float rounding); encoders (BERT) always use "dense".
   attention: str = "blocked"
   attention_block: int = 128
+  # Low-rank adapters on the backbone (`jaxpref.models.lora`); None = every parameter trains.
+  lora: LoraConfig | None = None
 
   def __post_init__(self):
     # JSON (model_config.json) gives a list; the config must stay hashable (a static jit argument).

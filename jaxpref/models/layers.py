@@ -274,7 +274,7 @@ def scan_layers(
   scanned = nn.scan(
     layer_cls,
     variable_axes={"params": 0},
-    split_rngs={"params": True},
+    split_rngs={"params": True, "dropout": True},  # LoRA dropout differs per layer
     in_axes=(0,) * num_scanned + (nn.broadcast,) * num_broadcast,
     length=cfg.num_layers,
     metadata_params={nn.PARTITION_NAME: "layers"},

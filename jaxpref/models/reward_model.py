@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpref.models import layers, registry
+from jaxpref.models import layers, lora, registry
 from jaxpref.models.config import ModelConfig
 
 
@@ -118,21 +118,25 @@ class RewardModel(nn.Module):
     # the final (normed) hidden states and, if asked, what Hugging Face returns with
     # `output_hidden_states=True` stacked as [num_layers + 1, B, L, D].
     backbone = registry.get(cfg.arch).backbone(cfg, "backbone")
-    if packed is None:
-      hidden_bld, hidden_states = backbone(
-        input_ids_bl, attention_mask_bl, output_hidden_states=output_hidden_states
-      )
-      pooled_bd = pool(hidden_bld, attention_mask_bl, input_ids_bl, cfg.pooling, cfg.eos_token_id)
-    else:
-      check_packable(cfg)
-      hidden_rld, hidden_states = backbone(
-        input_ids_bl,
-        attention_mask_bl,
-        output_hidden_states=output_hidden_states,
-        segment_ids_bl=packed["segment_ids"],
-        positions_bl=packed["positions"],
-      )
-      pooled_bd = gather_flat(hidden_rld, packed["last_index"])
+    # LoRA (cfg.lora) adds its adapters to the backbone's targeted dense layers; else a no-op.
+    with lora.adapters(cfg) as lora_matched:
+      if packed is None:
+        hidden_bld, hidden_states = backbone(
+          input_ids_bl, attention_mask_bl, output_hidden_states=output_hidden_states
+        )
+        pooled_bd = pool(hidden_bld, attention_mask_bl, input_ids_bl, cfg.pooling, cfg.eos_token_id)
+      else:
+        check_packable(cfg)
+        hidden_rld, hidden_states = backbone(
+          input_ids_bl,
+          attention_mask_bl,
+          output_hidden_states=output_hidden_states,
+          segment_ids_bl=packed["segment_ids"],
+          positions_bl=packed["positions"],
+        )
+        pooled_bd = gather_flat(hidden_rld, packed["last_index"])
+    if cfg.lora is not None and self.is_initializing():
+      lora.check_targets(cfg, lora_matched)
     if cfg.pooling == "pooler":
       pooled_bd = jnp.tanh(
         layers.dense(cfg, cfg.hidden_size, ("embed", "mlp"), use_bias=True, name="pooler")(
@@ -186,6 +190,7 @@ def apply(
   *,
   output_hidden_states: bool = False,
   packed: dict[str, jax.Array] | None = None,
+  dropout_rng: jax.Array | None = None,
 ) -> dict[str, Any]:
   """Runs the reward model. Returns `rewards` [B] (float32), `pooled` [B, D] and, if asked,
   `hidden_states` [num_layers + 1, B, L, D].
@@ -193,6 +198,8 @@ def apply(
   With `packed` ({"segment_ids", "positions" [R, L], "last_index" [S]}, see
   `jaxpref.data.packing`), the inputs are packed rows [R, L] and the outputs are per sequence:
   `rewards` [S], `pooled` [S, D]; `hidden_states` stays per row.
+
+  `dropout_rng` turns on dropout where the model has some (LoRA's `lora.dropout`, in training).
   """
   return RewardModel(cfg).apply(
     {"params": params},
@@ -200,6 +207,7 @@ def apply(
     attention_mask_bl,
     output_hidden_states=output_hidden_states,
     packed=packed,
+    rngs=None if dropout_rng is None else {"dropout": dropout_rng},
   )
 
 

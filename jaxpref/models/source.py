@@ -63,6 +63,12 @@ def load_for_inference(
   if bool(model) == bool(workdir):
     raise ValueError("give exactly one of --model=HF_DIR or --workdir=DIR")
   if model:
+    from jaxpref.models import peft_io
+
+    if peft_io.is_adapter_dir(model):  # A PEFT LoRA adapter: merged onto its base checkpoint.
+      cfg, params = peft_io.load_adapter(model)
+      has_tokenizer = (Path(model) / "tokenizer_config.json").is_file()
+      return cfg, params, model if has_tokenizer else peft_io.base_model_of(model), None
     cfg, params = hf_io.load_hf(model)
     return cfg, params, model, None
   cfg = workdir_lib.read_model_config(workdir)

@@ -24,8 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.preset = ""
   for field in dataclasses.fields(ModelConfig):
     default = field.default
-    if field.name == "rope_scaling":
-      continue  # Only settable through a checkpoint or preset.
+    if field.name in ("rope_scaling", "lora"):
+      continue  # rope_scaling: only through a checkpoint or preset; lora: its own group below.
     if default is None:
       c.model[field.name] = ml_collections.FieldReference(None, field_type=int)
     else:
@@ -33,6 +33,16 @@ def base_config() -> ml_collections.ConfigDict:
   # With `path` (or `preset`) set, the checkpoint decides the architecture; only these apply:
   # dtype, param_dtype, remat, and pooling when non-empty ("" = the checkpoint's own, else "last").
   c.model.pooling = ""
+
+  # LoRA (jaxpref.models.lora): rank 0 = off (every parameter trains). With rank > 0 the base
+  # weights are frozen (no gradients, no optimizer state); the adapters and the reward head train.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0  # the update is scaled by alpha / rank, as in PEFT
+  # Comma-separated: "attention", "mlp", "all", or dense-layer names / dotted path tails
+  # ("q_proj,v_proj", "attention.dense").
+  c.lora.targets = "attention,mlp"
+  c.lora.dropout = 0.0
 
   c.data = ml_collections.ConfigDict()
   # Comma-separated data files, one task each (task name = file stem unless `task_names` is set);
@@ -178,6 +188,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # checkpoint.keep=0 keeps every checkpoint.
   for key in ("train.weight_decay", "train.grad_clip", "data.resampling_size", "checkpoint.keep"):
     at_least(key, 0)
+  at_least("train.divergence_factor", 0)  # 0 = stop on non-finite values only.
   lr = config.train.learning_rate
   if not lr > 0 or lr != lr:
     raise _fail("train.learning_rate", lr, "must be > 0 (a negative rate is gradient ascent)")

@@ -12,9 +12,10 @@ import optax
 from jax.sharding import Mesh
 
 from jaxpref import sharding
-from jaxpref.models import reward_model
+from jaxpref.models import lora, reward_model
 from jaxpref.models.config import ModelConfig
 from jaxpref.objectives import objective as objectives
+from jaxpref.training import trainable
 
 
 @flax.struct.dataclass
@@ -75,14 +76,17 @@ def init_state(
   params=None,
 ) -> TrainState:
   """A fresh state; random parameters unless `params` is given."""
+  # The first half of a split, as before `TrainState.rng` was removed: same seed, same init.
+  init_rng, _ = jax.random.split(rng)
   if params is None:
-    # The first half of a split, as before `TrainState.rng` was removed: same seed, same init.
-    init_rng, _ = jax.random.split(rng)
     params = reward_model.init_params(model_cfg, init_rng)
+  else:  # Loaded weights: LoRA's adapters start fresh (a no-op without LoRA).
+    params = lora.with_fresh_adapters(model_cfg, params, init_rng)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    opt_state=optimizer.init(params),
+    # Only the trainable part has optimizer state (all of it unless LoRA freezes the base).
+    opt_state=optimizer.init(trainable.trainable_params(model_cfg, params)),
     objective=objectives.init_objective_state(num_tasks, model_cfg.hidden_size),
   )
 

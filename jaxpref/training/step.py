@@ -23,9 +23,11 @@ from jax.sharding import Mesh
 
 from jaxpref.data.batch import PackedBatch, TrainBatch
 from jaxpref.evaluation import scoring
+from jaxpref.models import lora
 from jaxpref.models.config import ModelConfig
 from jaxpref.objectives import objective as objectives
 from jaxpref.training import state as train_state
+from jaxpref.training import trainable
 from jaxpref.training.state import TrainState
 
 Batch = TrainBatch
@@ -39,8 +41,12 @@ def _loss_fn(
   model_cfg: ModelConfig,
   loss_cfg: objectives.LossConfig,
   num_tasks: int,
+  frozen_params=None,
+  dropout_rng=None,
 ):
-  rewards_bn, pooled_bnd = scoring.score_batch(model_cfg, params, batch)
+  # `params` is the trainable part; the frozen part (LoRA's base) gets no gradient.
+  params = trainable.join(params, frozen_params)
+  rewards_bn, pooled_bnd = scoring.score_batch(model_cfg, params, batch, dropout_rng=dropout_rng)
   loss, (new_objective_state, metrics) = objectives.objective_loss(
     loss_cfg,
     objective_state,
@@ -71,40 +77,59 @@ def train_step(
   schedule: optax.Schedule,
   num_tasks: int,
   grad_accum_steps: int = 1,
+  seed: int = 0,
 ) -> tuple[TrainState, dict[str, Any]]:
-  """One optimizer update on one global batch (see module docstring)."""
+  """One optimizer update on one global batch (see module docstring); `seed` seeds dropout."""
+  train_params, frozen_params = trainable.split(model_cfg, state.params)
   grad_fn = jax.value_and_grad(
-    functools.partial(_loss_fn, model_cfg=model_cfg, loss_cfg=loss_cfg, num_tasks=num_tasks),
+    functools.partial(
+      _loss_fn,
+      model_cfg=model_cfg,
+      loss_cfg=loss_cfg,
+      num_tasks=num_tasks,
+      frozen_params=frozen_params,
+    ),
     has_aux=True,
   )
+  # LoRA's dropout: one key per step (and micro-batch), a function of the state, so resume is exact.
+  use_dropout = model_cfg.lora is not None and model_cfg.lora.dropout > 0
+  dropout_rngs = [None] * grad_accum_steps
+  if use_dropout:
+    step_key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+    dropout_rngs = jax.random.split(step_key, grad_accum_steps)
   if grad_accum_steps > 1 and isinstance(batch, PackedBatch):
     raise ValueError(
       "data.packing does not support train.grad_accum_steps > 1 (packed rows do "
       "not split into micro-batches of whole items); use one or the other"
     )
   if grad_accum_steps == 1:
-    (loss, (objective_state, metrics)), grads = grad_fn(state.params, state.objective, batch)
+    (loss, (objective_state, metrics)), grads = grad_fn(
+      train_params, state.objective, batch, dropout_rng=dropout_rngs[0]
+    )
   else:
     micro = _split_microbatches(batch, grad_accum_steps)
 
-    def accumulate(carry, micro_batch):
+    def accumulate(carry, micro_and_rng):
       grads_sum, objective_state = carry
+      micro_batch, dropout_rng = micro_and_rng
       (loss, (objective_state, metrics)), grads = grad_fn(
-        state.params, objective_state, micro_batch
+        train_params, objective_state, micro_batch, dropout_rng=dropout_rng
       )
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
       return (grads_sum, objective_state), (loss, metrics)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, train_params)
     (grads, objective_state), (losses, metrics_m) = jax.lax.scan(
-      accumulate, (zeros, state.objective), micro
+      accumulate,
+      (zeros, state.objective),
+      (micro, dropout_rngs if use_dropout else None),
     )
     grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     loss = losses.mean()
     metrics = jax.tree.map(lambda m: m.mean(0), metrics_m)
 
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = optimizer.update(grads, state.opt_state, train_params)
+  params = trainable.join(optax.apply_updates(train_params, updates), frozen_params)
   new_state = state.replace(
     step=state.step + 1, params=params, opt_state=opt_state, objective=objective_state
   )
@@ -169,8 +194,8 @@ class TrainProgram:
     )
     if params is None:
       return jax.jit(init_fn, out_shardings=self.state_shardings)(rng)
-    if self.state_shardings is not None:
-      params = jax.device_put(params, self.state_shardings.params)
+    if self.state_shardings is not None:  # LoRA's adapters are not loaded: init_state adds them.
+      params = jax.device_put(params, lora.without_adapters(self.state_shardings.params))
     return jax.jit(lambda r, p: init_fn(r, params=p), out_shardings=self.state_shardings)(
       rng, params
     )
@@ -195,6 +220,7 @@ def build_train_step(
   num_tasks: int,
   mesh: Mesh | None = None,
   grad_accum_steps: int = 1,
+  seed: int = 0,
 ) -> TrainProgram:
   """Jits `train_step` once for this model, objective and optimizer (on `mesh` when given)."""
   init_fn = functools.partial(train_state.init_state, model_cfg, optimizer, num_tasks)
@@ -207,6 +233,7 @@ def build_train_step(
     schedule=schedule,
     num_tasks=num_tasks,
     grad_accum_steps=grad_accum_steps,
+    seed=seed,
   )
   if mesh is None:
     state_shardings = None
@@ -251,4 +278,5 @@ def build_from_config(
     num_tasks=num_tasks,
     mesh=mesh,
     grad_accum_steps=config.train.grad_accum_steps,
+    seed=config.train.seed,
   )

@@ -27,8 +27,8 @@ from jaxpref.data import batch as batch_lib
 from jaxpref.data import contract as input_contract
 from jaxpref.data.errors import DataConfigError
 from jaxpref.evaluation import evaluator as evaluation
-from jaxpref.evaluation import scoring
-from jaxpref.models import reward_model
+from jaxpref.evaluation import reward_stats, scoring
+from jaxpref.models import lora, reward_model
 from jaxpref.models.source import load_model
 from jaxpref.training import config as train_config
 from jaxpref.training import data as train_data
@@ -306,6 +306,12 @@ def _train(
   # The input contract (what the model sees) is decided once, here, and stored with the run.
   contract = train_data.configure_input(config, tokenizer, model_cfg)
   model_cfg = train_data.settle_model_config(model_cfg, tokenizer)
+  try:
+    model_cfg = model_cfg.replace(lora=lora.from_config(config.lora))
+    if model_cfg.lora is not None:
+      reward_model.abstract_params(model_cfg)  # A target naming no layer fails here, in one line.
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
   if latest is not None and (workdir / "model_config.json").is_file():
     resume.check_shapes(
       reward_model.abstract_params(workdir_lib.read_model_config(workdir)),
@@ -373,6 +379,14 @@ def _train(
 
   # --- The loop. ------------------------------------------------------------------------------
   writer = MetricsWriter(workdir, purge_step=step + 1 if step else None)
+  trainable_count, total_count = lora.count_trainable(model_cfg, program.abstract_state.params)
+  logging.info(
+    "Parameters: %d trainable of %d (%.2f%%)",
+    trainable_count,
+    total_count,
+    100.0 * trainable_count / total_count,
+  )
+  writer.write(step, {"trainable_params": trainable_count, "total_params": total_count})
   last_logged: dict[str, Any] = {}
   progress = None
   if jax.process_index() == 0 and step < total_steps:
@@ -469,6 +483,7 @@ def _train(
     last_logged.update(eval_scalars)
     if jax.process_index() == 0:
       (workdir / "eval_final.json").write_text(json.dumps(eval_scalars, indent=2))
+      reward_stats.write(workdir, {**eval_reports["all"]["reward_stats"], "step": step})
   writer.close()
   manager.close()
   return {"step": step, **last_logged, "_state": state}

@@ -1,13 +1,19 @@
 """Orbax checkpoints of the train state and the data iterator, saved together and atomically.
 
 Layout of a workdir:
-  WORKDIR/config.json          the effective run config (written by the trainer)
+  WORKDIR/config.json          the config of the run's first segment (written by the trainer)
+  WORKDIR/config.<step>.json   the config of a segment resumed at <step> with harmless changes
+                               (`jaxpref.training.resume`)
+  WORKDIR/.lock                held by the running trainer (`jaxpref.training.lock`)
   WORKDIR/model_config.json    the ModelConfig, so export / eval / score need no config file
   WORKDIR/tokenizer/           the tokenizer the run used
+  WORKDIR/reward_stats.json    held-out reward mean / std (`jaxpref.evaluation.reward_stats`)
   WORKDIR/checkpoints/<step>/  {state, data} items written by Orbax (tmp dir + rename: a run killed
                                mid-save leaves no half checkpoint that a restart would pick up)
   WORKDIR/damaged_checkpoints/<step>/  a checkpoint that failed to restore, moved aside by the
                                trainer so that the step can be saved again (kept for inspection)
+  WORKDIR/diverged_checkpoints/<step>/  checkpoints saved from diverging weights, moved aside by
+                               the trainer's divergence guard
 
 A checkpoint damaged after it was written (a truncated file, a missing `_METADATA` or `state/`) is
 reported in one line and skipped for the newest intact one; see docs/preemption.md.
@@ -29,6 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxpref.models.config import ModelConfig, freeze_rope_scaling
+from jaxpref.models.lora import LoraConfig
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -320,6 +327,7 @@ def read_model_config(workdir: str | Path) -> ModelConfig:
   fields["rope_scaling"] = freeze_rope_scaling(
     fields.get("rope_scaling") and dict(fields["rope_scaling"])
   )
+  fields["lora"] = LoraConfig.from_dict(fields.get("lora"))
   return ModelConfig(**fields)
 
 
