@@ -153,6 +153,7 @@ def score_records(
   temperature: float = 1.0,
   stats: dict[str, Any] | None = None,
   progress: bool = False,
+  counts: Counter | None = None,
 ) -> tuple[list[dict], Counter]:
   """Adds rewards to each record (see module docstring); returns the output records and skips.
 
@@ -161,10 +162,11 @@ def score_records(
       it, what transformers does with `tokenizer` and `max_length` (default: the tokenizer's).
 
     stats: `jaxpref.evaluation.reward_stats` to standardise the rewards: (reward - mean) / std.
+    counts: if given, gets `truncated` (texts cut) and `identical_after_truncation` (best-of-n
+      records with distinct responses that tie once cut) added.
 
   Returns:
-    The output records and a Counter of skipped records by reason, plus `truncated` (texts cut)
-    and `identical_after_truncation` (best-of-n records with distinct responses that tie once cut).
+    The output records and a Counter of skipped records by reason.
   """
   from jaxpref.data import contract as input_contract
   from jaxpref.data.tokenize import encode_texts
@@ -188,7 +190,8 @@ def score_records(
     return [], skipped
   encoded, cut = encode_texts(flat_texts, tokenizer, contract.tokenize_options())
   rewards = scorer.score_token_ids(encoded, progress=progress) / temperature
-  skipped["truncated"] += int(cut.sum())
+  counts = Counter() if counts is None else counts
+  counts["truncated"] += int(cut.sum())
   if stats is not None:
     rewards = reward_stats.normalize(rewards, stats)
   outputs, offset = [], 0
@@ -196,7 +199,7 @@ def score_records(
     values = [float(r) for r in rewards[offset : offset + len(texts)]]
     rows = {encoded[i].tobytes() for i in range(offset, offset + len(texts))}
     if kind == "best_of_n" and len(rows) < len(set(texts)):
-      skipped["identical_after_truncation"] += 1
+      counts["identical_after_truncation"] += 1
     offset += len(texts)
     out = dict(record)
     if kind == "single":
@@ -235,6 +238,7 @@ def main(argv) -> None:
     padding_side=contract.padding_side,
   )
   temperature = read_temperature(FLAGS.model or FLAGS.workdir) if FLAGS.apply_temperature else 1.0
+  counts: Counter = Counter()
   stats = None
   if FLAGS.normalize:
     if FLAGS.apply_temperature:
@@ -257,19 +261,19 @@ def main(argv) -> None:
     temperature=temperature,
     stats=stats,
     progress=FLAGS.progress and len(records) > 64,
+    counts=counts,
   )
   skipped.update(more_skipped)
   Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
   with open(FLAGS.output, "w", encoding="utf-8") as f:
     for out in outputs:
       f.write(json.dumps(out, ensure_ascii=False) + "\n")
-  notes = {k: skipped.pop(k) for k in ("truncated", "identical_after_truncation") if k in skipped}
   summary = {
     "read": len(records) + skipped["invalid_json"],
     "scored": len(outputs),
     "skipped": dict(skipped),
-    "truncated": notes.get("truncated", 0),
-    "identical_after_truncation": notes.get("identical_after_truncation", 0),
+    "truncated": counts["truncated"],
+    "identical_after_truncation": counts["identical_after_truncation"],
   }
   if summary["identical_after_truncation"]:
     logging.warning(

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -150,9 +151,10 @@ def test_every_path_gives_the_training_reward(run):
   # jaxpref.score (--workdir) on the same texts, one record per pair.
   records = [(i + 1, {"text": list(it.texts)}) for i, it in enumerate(items)]
   scorer = Scorer(cfg, params, max_length=contract.max_length, pad_token_id=contract.pad_id)
-  scored, notes = score.score_records(
+  notes = Counter()
+  scored, _ = score.score_records(
     scorer, tokenizer, records, contract=contract, template="{prompt}{response}",
-    on_error="raise", source="pairs",
+    on_error="raise", source="pairs", counts=notes,
   )  # fmt: skip
   score_rewards = np.array([r for out in scored for r in out["rewards"]])
   np.testing.assert_allclose(score_rewards, train_rewards, atol=TOL)
@@ -214,11 +216,13 @@ def test_score_counts_best_of_n_made_identical_by_truncation(run):
   records = [(1, {"prompt": prompt, "responses": [" Assistant: yes.", " Assistant: no."]})]
   scorer = Scorer(cfg, params, max_length=contract.max_length, pad_token_id=contract.pad_id)
   kwargs = dict(template="{prompt}{response}", on_error="raise", source="bon")
-  _, notes = score.score_records(scorer, tok, records, contract=contract, **kwargs)
-  assert notes["identical_after_truncation"] == 0  # left truncation keeps the responses
-  right = contract.replace(truncation_side="right")
-  out, notes = score.score_records(scorer, tok, records, contract=right, **kwargs)
-  assert notes["identical_after_truncation"] == 1
+  left, right = Counter(), Counter()
+  score.score_records(scorer, tok, records, contract=contract, counts=left, **kwargs)
+  assert left["identical_after_truncation"] == 0  # left truncation keeps the responses
+  out, skipped = score.score_records(
+    scorer, tok, records, contract=contract.replace(truncation_side="right"), counts=right, **kwargs
+  )
+  assert right["identical_after_truncation"] == 1 and not skipped
   assert out[0]["rewards"][0] == out[0]["rewards"][1]
 
 
@@ -363,9 +367,9 @@ def test_every_program_agrees_per_arch(tmp_path, arch, preferences_dir):
 
   overrides = list(ARCH_OVERRIDES[arch])
   if arch == "minilm":
-    from jaxpref.models import bert
+    from jaxpref.models import minilm
 
-    path = bert.minilm_path()
+    path = minilm.minilm_path()
     overrides += [f"--config.model.path={path}", f"--config.data.tokenizer={path}"]
   rows = json.loads((preferences_dir / "helpful.json").read_text())[:60]
   data = tmp_path / "helpful.jsonl"

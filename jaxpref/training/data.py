@@ -108,8 +108,7 @@ def configure_input(
 def settle_model_config(cfg: ModelConfig, tokenizer) -> ModelConfig:
   """The model config the run trains: the pad id is the (configured) tokenizer's, the eos id
   filled from it where the config leaves it unset, and the tokenizer checked against the
-  vocabulary. Done before any data is
-  read; nothing downstream changes the model config."""
+  vocabulary. Done before any data is read; nothing downstream changes the model config."""
   changes = {}
   if tokenizer.pad_token_id is not None and cfg.pad_token_id != tokenizer.pad_token_id:
     changes["pad_token_id"] = int(tokenizer.pad_token_id)
