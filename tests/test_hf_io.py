@@ -346,6 +346,9 @@ def test_save_hf_refuses_what_transformers_would_score_differently(tmp_path, sav
     hf_io.save_hf(tmp_path / "x", cfg, params)
   hf_io.save_hf(tmp_path / "x", cfg, params, strict=False)
   assert hf_io.load_hf(tmp_path / "x")[0].pooling == "mean"
+  # Llama-family configs cannot say that only part of each head is rotated.
+  with pytest.raises(hf_io.CheckpointError, match="rotary_pct=0.25"):
+    hf_io.save_hf(tmp_path / "y", JAX_TINY.replace(rotary_pct=0.25), params)
 
 
 def test_save_hf_tokenizer_dir_and_pad_fallback(tmp_path, saved, caplog):

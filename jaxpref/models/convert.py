@@ -173,6 +173,8 @@ class Arch:
     incompatibility: why transformers would score an exported cfg differently, or None.
     check_tensors: extra checks of a checkpoint before conversion (e.g. its layer count).
     export_float32: write float32 tensors whatever the parameter dtype.
+    partial_rotary: config.json can say that only part of each head is rotated
+      (`model.rotary_pct` < 1); where it cannot, such a model is refused at export.
   """
 
   name: str
@@ -189,6 +191,7 @@ class Arch:
   incompatibility: Callable[[ModelConfig], str | None] | None = None
   check_tensors: Callable[[Tensors, ModelConfig], None] | None = None
   export_float32: bool = False
+  partial_rotary: bool = False
 
   @property
   def export_class(self) -> str:
@@ -228,8 +231,15 @@ class Arch:
 
   def why_incompatible(self, cfg: ModelConfig) -> str | None:
     if self.incompatibility:
-      return self.incompatibility(cfg)
-    return last_token_incompatibility(cfg, self.export_class)
+      reason = self.incompatibility(cfg)
+    else:
+      reason = last_token_incompatibility(cfg, self.export_class)
+    if reason is None and self.decoder and not self.partial_rotary and cfg.rotary_pct != 1.0:
+      reason = (
+        f"{self.export_class} rotates every dimension of a head, but model.rotary_pct="
+        f"{cfg.rotary_pct}"
+      )
+    return reason
 
 
 def read_region(layout: str, read, shape: Sequence[int], index: Sequence[slice]) -> np.ndarray:

@@ -103,4 +103,5 @@ ARCH = convert.Arch(
   config_from_hf=config_from_hf,
   config_to_hf=config_to_hf,
   table=lambda cfg: TABLE,
+  partial_rotary=True,
 )
