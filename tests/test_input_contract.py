@@ -98,10 +98,11 @@ def run(tmp_path_factory, preferences_dir):
 
 @pytest.mark.parity
 def test_every_path_gives_the_training_reward(run):
-  from jaxpref import eval as eval_lib
-  from jaxpref import export, score
+  from jaxpref.evaluation import best_of_n
   from jaxpref.evaluation import evaluator as evaluation
+  from jaxpref.evaluation import report as eval_lib
   from jaxpref.evaluation.scoring import Scorer
+  from jaxpref.models import hf_export as export
   from jaxpref.models import hf_io
   from jaxpref.models.source import load_for_inference, load_tokenizer_and_contract
   from jaxpref.training import data as train_data
@@ -152,7 +153,7 @@ def test_every_path_gives_the_training_reward(run):
   records = [(i + 1, {"text": list(it.texts)}) for i, it in enumerate(items)]
   scorer = Scorer(cfg, params, max_length=contract.max_length, pad_token_id=contract.pad_id)
   notes = Counter()
-  scored, _ = score.score_records(
+  scored, _ = best_of_n.score_records(
     scorer, tokenizer, records, contract=contract, template="{prompt}{response}",
     on_error="raise", source="pairs", counts=notes,
   )  # fmt: skip
@@ -206,7 +207,7 @@ def test_old_workdir_without_contract_is_inferred(run, caplog):
 
 
 def test_score_counts_best_of_n_made_identical_by_truncation(run):
-  from jaxpref import score
+  from jaxpref.evaluation import best_of_n
   from jaxpref.evaluation.scoring import Scorer
   from jaxpref.models.source import load_for_inference, load_tokenizer_and_contract
 
@@ -217,9 +218,9 @@ def test_score_counts_best_of_n_made_identical_by_truncation(run):
   scorer = Scorer(cfg, params, max_length=contract.max_length, pad_token_id=contract.pad_id)
   kwargs = dict(template="{prompt}{response}", on_error="raise", source="bon")
   left, right = Counter(), Counter()
-  score.score_records(scorer, tok, records, contract=contract, counts=left, **kwargs)
+  best_of_n.score_records(scorer, tok, records, contract=contract, counts=left, **kwargs)
   assert left["identical_after_truncation"] == 0  # left truncation keeps the responses
-  out, skipped = score.score_records(
+  out, skipped = best_of_n.score_records(
     scorer, tok, records, contract=contract.replace(truncation_side="right"), counts=right, **kwargs
   )
   assert right["identical_after_truncation"] == 1 and not skipped
@@ -249,7 +250,7 @@ def test_eval_cli_uses_the_runs_contract(run):
 
 def test_export_of_a_mean_pooled_model_names_the_fix(run):
   """transformers' *ForSequenceClassification cannot mean-pool: the error names the CLI fix."""
-  from jaxpref import export
+  from jaxpref.models import hf_export as export
   from jaxpref.models import hf_io
 
   bad = run["tmp"] / "mean_run"
@@ -304,8 +305,8 @@ def _external_rm(tmp_path: Path, arch: str, gpt2_tokenizer_file: Path) -> tuple[
 def test_external_checkpoint_eval_matches_transformers(
   tmp_path, arch, gpt2_tokenizer_file, preferences_dir
 ):
-  from jaxpref import eval as eval_lib
   from jaxpref.data import reader
+  from jaxpref.evaluation import report as eval_lib
   from jaxpref.models.source import load_for_inference, load_tokenizer_and_contract
 
   hf_dir, max_length = _external_rm(tmp_path, arch, gpt2_tokenizer_file)

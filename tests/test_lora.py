@@ -14,9 +14,10 @@ import pytest
 import train_helpers as th
 from flax import traverse_util
 
-from jaxpref import aot, export
+from jaxpref import aot
 from jaxpref.data.batch import PaddedBatch
 from jaxpref.evaluation import reward_stats
+from jaxpref.models import hf_export as export
 from jaxpref.models import lora, reward_model
 from jaxpref.models.config import ModelConfig
 from jaxpref.objectives import objective as objectives
