@@ -33,7 +33,15 @@ def test_every_script_is_listed():
   assert set(SCRIPTS) == set(EXPECTED), "add new benchmark scripts to EXPECTED"
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+# more_overhead's smoke run is slow (two objectives compiled and timed); its step is the
+# trainer's, exercised by every training test.
+SLOW_SCRIPTS = {"more_overhead.py"}
+
+
+@pytest.mark.parametrize(
+  "script",
+  [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_SCRIPTS else s for s in SCRIPTS],
+)
 def test_smoke(script, tmp_path):
   keys, needs_data = EXPECTED.get(script, (set(), False))
   if needs_data and not SHARED_DATA.is_dir():

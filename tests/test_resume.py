@@ -327,6 +327,9 @@ def resumed_two_process_run(tmp_path_factory, small_files):
   return workdir, flags, results
 
 
+# Slow: two 2-process runs; the cross-process data state is covered in the default run by
+# tests/test_data_pipeline.py and 2-process training by tests/test_train_distributed.py.
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_resume(resumed_two_process_run):
   workdir, _, results = resumed_two_process_run

@@ -157,6 +157,8 @@ def test_kill_9_and_restart_matches_uninterrupted(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+# Slow: signals are covered by default in tests/test_resume.py (a signal inside an async save).
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(

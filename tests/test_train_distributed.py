@@ -84,6 +84,9 @@ def test_packed_on_8_devices_matches_padded_one_device(tmp_path, reference_run, 
     np.testing.assert_allclose(values[0], reference_losses[step], rtol=1e-4, err_msg=f"{step}")
 
 
+# Slow: packing on 8 devices and 2-process training run by default; the pipeline's cross-process
+# row agreement is tested in tests/test_data_pipeline.py.
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_packed_two_processes_match_padded_one_device(tmp_path, reference_losses):
   th.run_train_multiprocess(tmp_path, *OVERRIDES, *PACKED, "--config.mesh.data=-1")

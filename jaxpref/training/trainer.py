@@ -1,7 +1,12 @@
 """`train_and_evaluate(config, workdir)`: the training loop behind `python -m jaxpref.train`.
 
-Reading order: data -> mesh and sharded state -> checkpoint restore -> the loop (step, log, eval,
-save, preemption and NaN handling). The step itself is `jaxpref.training.step.train_step`.
+Reading order: workdir lock and resume checks -> model, mesh, then data -> sharded state ->
+checkpoint restore -> the loop (step, log, eval, save, preemption and divergence handling). The
+step itself is built by `jaxpref.training.step.build_from_config`.
+
+(About 500 lines on purpose: the loop and the handlers whose order it fixes (signals, the lock,
+the divergence guard, save-failure checks) read top to bottom in one file; what they call lives in
+`workdir`, `resume`, `lock` and `data`.)
 """
 
 from __future__ import annotations
