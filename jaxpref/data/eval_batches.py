@@ -9,7 +9,7 @@ import numpy as np
 
 from jaxpref.data import errors
 from jaxpref.data.records import DataSummary, PreferenceItem
-from jaxpref.data.tokenize import TokenizeOptions, bucket_length, collate, tokenize_items
+from jaxpref.data.tokenize import bucket_length, collate, options_for, tokenize_items
 
 
 class EvalBatches:
@@ -122,16 +122,14 @@ def build_eval_batches(
     )
   if not items:
     raise errors.DataConfigError("no items to evaluate")
-  if contract is not None:
-    options = contract.tokenize_options(tuple(buckets) if buckets else None)
-  else:
-    options = TokenizeOptions(
-      max_length=max_length,
-      truncation_side=truncation_side,
-      padding_side=padding_side,
-      special_tokens=special_tokens,
-      buckets=tuple(buckets) if buckets else None,
-    )
+  options = options_for(
+    contract,
+    max_length=max_length,
+    truncation_side=truncation_side,
+    padding_side=padding_side,
+    special_tokens=special_tokens,
+    buckets=buckets,
+  )
   if task_names is None:
     task_names = list(dict.fromkeys(item.task for item in items))
   task_index = {name: t for t, name in enumerate(task_names)}

@@ -32,9 +32,9 @@ from jaxpref.data.mixing import MixingPlan
 from jaxpref.data.records import PreferenceItem, as_task_lists
 from jaxpref.data.tokenize import (
   TokenizedItems,
-  TokenizeOptions,
   bucket_length,
   collate,
+  options_for,
   tokenize_items,
 )
 
@@ -271,16 +271,14 @@ def build_train_pipeline(
     raise errors.DataConfigError(f"process_index={process_index} must be in [0, {process_count})")
   if global_batch_size < 1:
     raise errors.DataConfigError(f"global_batch_size={global_batch_size} must be >= 1")
-  if contract is not None:
-    options = contract.tokenize_options(tuple(buckets) if buckets else None)
-  else:
-    options = TokenizeOptions(
-      max_length=max_length,
-      truncation_side=truncation_side,
-      padding_side=padding_side,
-      special_tokens=special_tokens,
-      buckets=tuple(buckets) if buckets else None,
-    )
+  options = options_for(
+    contract,
+    max_length=max_length,
+    truncation_side=truncation_side,
+    padding_side=padding_side,
+    special_tokens=special_tokens,
+    buckets=buckets,
+  )
   max_length, padding_side = options.max_length, options.padding_side
   names, lists = as_task_lists(tasks)
   tokenized = []

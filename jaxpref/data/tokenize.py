@@ -165,6 +165,28 @@ def load_tokenizer(
   return tokenizer
 
 
+def options_for(
+  contract: Any,
+  *,
+  max_length: int,
+  truncation_side: str,
+  padding_side: str,
+  special_tokens: str,
+  buckets: Sequence[int] | None,
+) -> TokenizeOptions:
+  """A model's `InputContract` options (with these buckets), or these settings without one."""
+  buckets = tuple(buckets) if buckets else None
+  if contract is not None:
+    return contract.tokenize_options(buckets)
+  return TokenizeOptions(
+    max_length=max_length,
+    truncation_side=truncation_side,
+    padding_side=padding_side,
+    special_tokens=special_tokens,
+    buckets=buckets,
+  )
+
+
 def special_affixes(tokenizer: Any, mode: str) -> tuple[list[int], list[int]]:
   """(prefix ids, suffix ids) that `mode` puts around each text."""
   bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
