@@ -137,12 +137,6 @@ def check_saved(manager: ocp.CheckpointManager, step: int | None, *, wait: bool 
     raise save_error(manager, step, e) from e
 
 
-def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
-  )
-
-
 def damage(workdir: str | Path, step: int) -> str | None:
   """Why the checkpoint of `step` is incomplete (a missing file), or None if it looks complete.
 
