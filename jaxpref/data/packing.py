@@ -99,6 +99,7 @@ def pack_batch(
   return PackedBatch(
     input_ids=ids_rl,
     segment_ids=segment_rl,
+    branch_ids=(segment_rl > 0).astype(np.int32),
     positions=positions_rl,
     last_index=last_index_s,
     lengths=lengths_s.reshape(mask_bnl.shape[:2]).astype(np.int32),

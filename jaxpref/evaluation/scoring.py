@@ -74,6 +74,7 @@ def score_batch(
     (batch.segment_ids > 0).astype(jnp.int32),
     packed={
       "segment_ids": batch.segment_ids,
+      "branch_ids": batch.branch_ids,
       "positions": batch.positions,
       "last_index": batch.last_index,
     },
