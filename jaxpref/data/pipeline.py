@@ -17,6 +17,7 @@ no step needs a collective; process p's rows are global rows [p * R, (p + 1) * R
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -75,16 +76,38 @@ class StepBatcher:
       )
     return groups
 
-  def packed_rows(self, step: int) -> int:
-    """Rows per process of a packed step: the most any process needs, rounded up to
-    `pack_row_multiple`. Every process computes the same number from the shared plan."""
-    needed = max(
+  def _rows_needed(self, step: int) -> int:
+    return max(
       packing.rows_needed(
         self._groups(step, p), self.pack_row_length, share_prompts=self.share_prompts
       )
       for p in range(self.process_count)
     )
-    return -(-needed // self.pack_row_multiple) * self.pack_row_multiple
+
+  @functools.cached_property
+  def row_buckets(self) -> tuple[int, ...]:
+    """The packed row counts a run uses: the median, 90th percentile and largest need of the
+    first 64 steps (multiples of `pack_row_multiple`), so a run compiles about three step
+    shapes, not one per step, for a few rows of padding."""
+    needs = [self._rows_needed(step) for step in range(64)]
+    m = self.pack_row_multiple
+    return tuple(
+      sorted({-(-int(np.quantile(needs, q, method="higher")) // m) * m for q in (0.5, 0.9, 1.0)})
+    )
+
+  def packed_rows(self, step: int) -> int:
+    """Rows per process of a packed step: the smallest of `row_buckets` that holds what every
+    process needs (rarely more: then a multiple of a quarter of the largest bucket). Every
+    process computes the same number from the shared plan."""
+    needed = self._rows_needed(step)
+    for rows in self.row_buckets:
+      if needed <= rows:
+        return rows
+    multiple = max(
+      self.pack_row_multiple,
+      self.row_buckets[-1] // 4 // self.pack_row_multiple * self.pack_row_multiple,
+    )
+    return -(-needed // multiple) * multiple
 
   def __call__(self, step: int) -> TrainBatch:
     step = int(step)
