@@ -15,7 +15,7 @@ every hidden state, reward and gradient is the one the response gets when scored
 causal model the prefix's states do not depend on what follows, and the gradient through them is
 the sum of the responses' gradients either way. The prefix is cut one token short of the shortest
 response, so every response keeps at least its last token for pooling; a group that would not fit
-in one row is packed unshared.
+in one row is packed unshared, and so is a whole batch where sharing would need more rows.
 
 `pack_groups` packs any groups of token sequences (the pipeline's batches via `pack_batch`,
 evaluation, and `jaxpref.score`'s records: a best-of-n prompt and its n responses).
@@ -110,13 +110,30 @@ def _rows(units: list[Unit], row_length: int) -> tuple[np.ndarray, np.ndarray, i
   return row_u, start_u, needed
 
 
+def _plan(
+  sequences_gs: Sequence[Sequence[np.ndarray]], row_length: int, share_prompts: bool
+) -> tuple[list[Unit], np.ndarray, np.ndarray, int]:
+  """Units and their rows. With `share_prompts`, the shared layout unless it needs more rows
+  than the unshared one (a group must fit one row, which can pack worse where prompts are short
+  next to their responses); fewer rows is less work either way."""
+  lengths_gs = [[len(s) for s in group] for group in sequences_gs]
+  units = plan_units(lengths_gs, [0] * len(lengths_gs), row_length)
+  plan = (units, *_rows(units, row_length))
+  if share_prompts:
+    prefix_g = [shared_prefix_length(g) for g in sequences_gs]
+    if any(prefix_g):
+      units = plan_units(lengths_gs, prefix_g, row_length)
+      shared = (units, *_rows(units, row_length))
+      if shared[3] <= plan[3]:
+        plan = shared
+  return plan
+
+
 def rows_needed(
   sequences_gs: Sequence[Sequence[np.ndarray]], row_length: int, *, share_prompts: bool = False
 ) -> int:
   """Rows `pack_groups` needs for these groups of sequences, before rounding."""
-  lengths_gs = [[len(s) for s in group] for group in sequences_gs]
-  prefix_g = [shared_prefix_length(g) if share_prompts else 0 for g in sequences_gs]
-  return _rows(plan_units(lengths_gs, prefix_g, row_length), row_length)[2]
+  return _plan(sequences_gs, row_length, share_prompts)[3]
 
 
 class PackedRows(NamedTuple):
@@ -153,10 +170,7 @@ def pack_groups(
   Returns:
     `PackedRows`; `last_index` [sum of group sizes], -1 for empty sequences.
   """
-  lengths_gs = [[len(s) for s in group] for group in sequences_gs]
-  prefix_g = [shared_prefix_length(g) if share_prompts else 0 for g in sequences_gs]
-  units = plan_units(lengths_gs, prefix_g, row_length)
-  row_u, start_u, needed = _rows(units, row_length)
+  units, row_u, start_u, needed = _plan(sequences_gs, row_length, share_prompts)
   if num_rows is None:
     num_rows = -(-needed // row_multiple) * row_multiple
   elif num_rows < needed:
