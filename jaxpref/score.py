@@ -41,7 +41,9 @@ def define_flags() -> None:
 
   define_contract_flags()
   define_packing_flags()
-  flags.DEFINE_integer("batch_size", 16, "Sequences per batch.")
+  flags.DEFINE_integer(
+    "batch_size", 16, "Sequences per forward pass (packed: about this many rows per call)."
+  )
   flags.DEFINE_string(
     "template",
     "{prompt}{response}",

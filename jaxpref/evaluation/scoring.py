@@ -322,9 +322,14 @@ class Scorer:
     if sum(sizes) != len(sequences) or min(sizes, default=1) < 1:
       raise ValueError(f"group_sizes sum to {sum(sizes)} for {len(sequences)} sequences")
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
-    groups = [
-      [np.asarray(sequences[i], np.int32) for i in range(a, a + n)] for a, n in zip(starts, sizes)
-    ]
+    # Identical sequences of a group (repeated best-of-n samples, or texts that truncation made
+    # equal) are scored once, so they get exactly the same reward.
+    groups, copies = [], []
+    for a, n in zip(starts, sizes):
+      unique: dict[bytes, int] = {}
+      group = [np.asarray(sequences[i], np.int32) for i in range(a, a + n)]
+      copies.append([unique.setdefault(x.tobytes(), len(unique)) for x in group])
+      groups.append([group[copies[-1].index(u)] for u in range(len(unique))])
     # Each group's units (itself with a shared prompt, else its sequences): the tokens it takes
     # and the longest unit, which sets the row length (positions stay each sequence's own, so a
     # row may be longer than max_length). Longest first, about `batch_size` rows a call.
@@ -358,7 +363,7 @@ class Scorer:
         row_multiple=max(1, self.batch_size // 4),
       )
       for g, values in zip(chunk, rewards_g):
-        rewards[starts[g] : starts[g] + sizes[g]] = values
+        rewards[starts[g] : starts[g] + sizes[g]] = values[copies[g]]
     return rewards
 
   def score_batch(self, input_ids_bnl: np.ndarray, attention_mask_bnl: np.ndarray) -> np.ndarray:
