@@ -21,7 +21,6 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from jaxpref import cli
-from jaxpref.data.errors import DataConfigError
 
 FLAGS = flags.FLAGS
 
@@ -86,6 +85,7 @@ def contract_from_flags(cfg, *, model=None, workdir=None, flag_values=FLAGS):
   """`(tokenizer, contract)` of the model, with the contract flags applied."""
   from jaxpref.data import contract as input_contract
   from jaxpref.models.source import load_tokenizer_and_contract
+  from jaxpref.training.config import check_max_length
 
   tokenizer, contract = load_tokenizer_and_contract(cfg, model=model, workdir=workdir)
   contract = input_contract.override(
@@ -95,11 +95,10 @@ def contract_from_flags(cfg, *, model=None, workdir=None, flag_values=FLAGS):
     truncation_side=flag_values.truncation_side,
     special_tokens=flag_values.special_tokens,
   )
-  if contract.max_length > cfg.max_position_embeddings:
-    raise DataConfigError(
-      f"max_length={contract.max_length} exceeds the model's max_position_embeddings="
-      f"{cfg.max_position_embeddings}"
-    )
+  if flag_values.max_length:
+    check_max_length("--max_length", flag_values.max_length, cfg)
+  else:
+    check_max_length("max_length (the model's input contract)", contract.max_length, cfg)
   logging.info("input contract: %s", contract.describe())
   return tokenizer, contract
 
