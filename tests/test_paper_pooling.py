@@ -179,3 +179,48 @@ def test_paper_before_eos_needs_a_causal_decoder_with_last_pooling(gpt2_tokenize
   switched = input_contract.override(auto, tok, special_tokens="paper_before_eos", max_length=20)
   assert (switched.max_length, switched.row_length, switched.suffix) == (20, 19, ())
   assert "at most 19 tokens" in switched.describe()
+
+
+def _program(*args: str):
+  import subprocess
+  import sys
+
+  import train_helpers as th
+
+  proc = subprocess.run(
+    [sys.executable, "-m", *args], env=th.env_with(), cwd=th.REPO, capture_output=True, text=True,
+    timeout=900,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_paper_config_run_export_and_transformers_agree(tmp_path, preferences_dir):
+  """The user's path: a paper config (tiny variant) trains with the official reading, and its
+  export gives `jaxpref.score`'s rewards in transformers with a plain call."""
+  import json
+
+  run, export = tmp_path / "run", tmp_path / "export"
+  _program(
+    "jaxpref.train", "--config=configs/paper_pythia_1_4b_more.py:tiny", f"--workdir={run}",
+    "--config.train.steps=2",
+  )  # fmt: skip
+  contract = json.loads((run / "input_contract.json").read_text())
+  assert contract["special_tokens"] == "paper_before_eos" and contract["suffix"] == []
+  _program("jaxpref.export", f"--workdir={run}", f"--output={export}")
+  rows = json.loads((preferences_dir / "webgpt.json").read_text())[:6]
+  texts = [t for r in rows for t in r["text"]]
+  data = tmp_path / "texts.jsonl"
+  data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  scores = tmp_path / "scores.jsonl"
+  _program("jaxpref.score", f"--model={export}", f"--data={data}", f"--output={scores}")
+  rewards = [json.loads(line)["reward"] for line in scores.read_text().splitlines()]
+  tok = transformers.AutoTokenizer.from_pretrained(export)
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(export).eval()
+  assert tok.model_max_length == contract["max_length"] - 1  # the official EOS, left off
+  with torch.no_grad():
+    batch = tok(texts, truncation=True, padding=True, return_tensors="pt")
+    hf = model(**batch).logits[:, 0].numpy()
+  np.testing.assert_allclose(hf, rewards, atol=TOL)

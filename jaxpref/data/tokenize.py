@@ -352,7 +352,7 @@ def tokenize_items(
       name,
       num_truncated,
       len(items),
-      options.max_length,
+      row_length(options.max_length, options.special_tokens),
       options.truncation_side,
     )
   return TokenizedItems(
