@@ -344,6 +344,11 @@ CONFIG_CASES = {
   "config.train.learning_rate?",
   "bogus=1": "unknown config key config.bogus",
   "train.more_alpha=0.5": "did you mean config.loss.more_alpha?",
+  "loss.task_presence=ties": "loss.task_presence='ties': choose one of 'pairs', 'items'",
+  "data.special_tokens=eos": "data.special_tokens='eos': choose one of",
+  # Two overrides (space-separated): the official reading needs a causal decoder's last token.
+  "data.special_tokens=paper_before_eos model.pooling=mean": "data.special_tokens="
+  "'paper_before_eos': reads the token before the EOS without it",
 }
 
 
@@ -352,7 +357,7 @@ def test_train_config_errors_before_any_data_is_read(tmp_path, hf_models):
   file that does not exist, so reading it would be a different error)."""
   missing = tmp_path / "not_read.jsonl"
   base = [f"--config={th.TINY}", f"--workdir={tmp_path / 'run'}", f"--config.data.files={missing}"]
-  cases = [[*base, f"--config.{c}"] for c in CONFIG_CASES]
+  cases = [[*base, *(f"--config.{c}" for c in case.split())] for case in CONFIG_CASES]
   cases.append([f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path / 'run'}"])
   hub = [f"--config={th.TINY}", f"--workdir={tmp_path / 'run2'}", f"--config.data.files={missing}"]
   cases.append([*hub, "--config.model.path=EleutherAI/pythia-14m"])

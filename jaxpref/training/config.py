@@ -242,6 +242,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   one_of("model.attention", model_config.ATTENTIONS)
   if not config.model.path and not config.model.preset:
     one_of("model.arch", model_config.ARCHS)
+  if config.data.special_tokens == tokenize.PAPER_BEFORE_EOS:
+    # The model's arch may only be known from its checkpoint: the input contract checks it too.
+    arch = "" if config.model.path or config.model.preset else config.model.arch
+    if config.model.pooling not in ("", "last") or arch in LEARNED_POSITIONS:
+      raise _fail(
+        "data.special_tokens",
+        tokenize.PAPER_BEFORE_EOS,
+        "reads the token before the EOS without it, which needs a causal decoder with "
+        f"model.pooling=last (model.pooling={config.model.pooling!r}, model.arch={arch!r})",
+      )
   for axis in ("data", "fsdp", "tensor"):
     value = config.mesh[axis]
     if value != -1 and value < 1:
