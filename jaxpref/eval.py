@@ -94,6 +94,7 @@ def contract_from_flags(cfg, *, model=None, workdir=None, flag_values=FLAGS):
     max_length=flag_values.max_length,
     truncation_side=flag_values.truncation_side,
     special_tokens=flag_values.special_tokens,
+    arch=cfg.arch,
   )
   if flag_values.max_length:
     check_max_length("--max_length", flag_values.max_length, cfg)

@@ -166,7 +166,7 @@ def test_paper_before_eos_needs_a_causal_decoder_with_last_pooling(gpt2_tokenize
   from jaxpref.data.tokenize import load_tokenizer
 
   tok = load_tokenizer(gpt2_tokenizer_file)
-  for arch, pooling in (("bert", "pooler"), ("gpt_neox", "mean")):
+  for arch, pooling in (("bert", "pooler"), ("bert", "last"), ("gpt_neox", "mean")):
     with pytest.raises(DataConfigError, match="paper_before_eos reads the token before the EOS"):
       input_contract.configure(
         tok, max_length=16, special_tokens="paper_before_eos", arch=arch, pooling=pooling,
@@ -176,9 +176,13 @@ def test_paper_before_eos_needs_a_causal_decoder_with_last_pooling(gpt2_tokenize
     tok, max_length=16, special_tokens="auto", arch="gpt_neox", pooling="last", vocab_size=50304
   )
   # eval/score --special_tokens=paper_before_eos --max_length=N: rows of N - 1 tokens.
-  switched = input_contract.override(auto, tok, special_tokens="paper_before_eos", max_length=20)
+  switched = input_contract.override(
+    auto, tok, special_tokens="paper_before_eos", max_length=20, arch="qwen2"
+  )
   assert (switched.max_length, switched.row_length, switched.suffix) == (20, 19, ())
   assert "at most 19 tokens" in switched.describe()
+  with pytest.raises(DataConfigError, match="bert with last pooling"):
+    input_contract.override(auto, tok, special_tokens="paper_before_eos", arch="bert")
 
 
 def _program(*args: str):

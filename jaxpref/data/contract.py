@@ -36,6 +36,8 @@ PAD_TOKEN = "<|pad|>"
 # (the last token whose id is not the pad id); the other values are `ModelConfig.pooling` names.
 LAST_NON_PAD = "last_non_pad"
 _DECODERS = ("gpt_neox", "llama")
+# Every other architecture is a causal decoder: its state at a token does not see later tokens.
+_BIDIRECTIONAL = ("bert",)
 _VERSION = 1
 _warned_inferred: set[str] = set()
 
@@ -163,13 +165,13 @@ def read(directory: str | Path) -> InputContract | None:
   return InputContract.from_dict(fields, str(path))
 
 
-def _check_before_eos(mode: str, causal_last: bool, model: str) -> None:
+def _check_before_eos(mode: str, arch: str | None, pooling: str) -> None:
   # Leaving the EOS off gives the official reward only where the pooled state cannot see it.
-  if mode == PAPER_BEFORE_EOS and not causal_last:
+  if mode == PAPER_BEFORE_EOS and (arch in _BIDIRECTIONAL or pooling != "last"):
     raise errors.DataConfigError(
       f"special_tokens={PAPER_BEFORE_EOS} reads the token before the EOS, which only a causal "
-      f"decoder with last pooling does without seeing the EOS; this model is {model}: use "
-      "special_tokens=paper"
+      f"decoder with last pooling does without seeing the EOS; this model is "
+      f"{arch or 'a model'} with {pooling} pooling: use special_tokens=paper"
     )
 
 
@@ -221,7 +223,7 @@ def configure(
     raise errors.DataConfigError(
       f"special_tokens={special_tokens!r}: choose one of {SPECIAL_TOKENS}"
     )
-  _check_before_eos(special_tokens, arch in _DECODERS and pooling == "last", f"{arch}/{pooling}")
+  _check_before_eos(special_tokens, arch, pooling)
   prefix_ids, suffix_ids = special_affixes(tokenizer, special_tokens)
   avoid = {i for i in (tokenizer.eos_token_id, *suffix_ids[-1:]) if i is not None}
   _choose_pad(tokenizer, avoid, vocab_size)
@@ -390,8 +392,12 @@ def override(
   truncation_side: str | None = None,
   padding_side: str | None = None,
   special_tokens: str | None = None,
+  arch: str | None = None,
 ) -> InputContract:
-  """`contract` with the parts a user set on the command line changed (None keeps a part)."""
+  """`contract` with the parts a user set on the command line changed (None keeps a part).
+
+  `arch` (the model's) lets a switch to `paper_before_eos` refuse a bidirectional model.
+  """
   changes: dict[str, Any] = {}
   if max_length:
     changes["max_length"] = int(max_length)
@@ -400,11 +406,7 @@ def override(
   if padding_side:
     changes["padding_side"] = padding_side
   if special_tokens and special_tokens != contract.special_tokens:
-    _check_before_eos(
-      special_tokens,
-      contract.pooling == "last" and contract.pooled_position == LAST_NON_PAD,
-      f"pooled at {contract.pooled_position}",
-    )
+    _check_before_eos(special_tokens, arch, contract.pooling)
     prefix_ids, suffix_ids = special_affixes(tokenizer, special_tokens)
     changes |= {
       "special_tokens": special_tokens,
