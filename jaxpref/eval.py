@@ -99,7 +99,7 @@ def contract_from_flags(cfg, *, model=None, workdir=None, flag_values=FLAGS):
   if flag_values.max_length:
     check_max_length("--max_length", flag_values.max_length, cfg)
   else:
-    check_max_length("max_length (the model's input contract)", contract.max_length, cfg)
+    check_max_length("the input contract's max_length", contract.max_length, cfg)
   logging.info("input contract: %s", contract.describe())
   return tokenizer, contract
 
