@@ -317,6 +317,11 @@ def test_eval_errors(tmp_path, hf_models):
       ("token id", "vocab_size 64"),
     ),
   }
+  cases["before_eos_bert"] = (
+    [f"--model={hf_models['bert']}", f"--data={good}", f"--output={out}",
+     "--special_tokens=paper_before_eos"],
+    ("special_tokens=paper_before_eos reads the token before the EOS", "bert with pooler"),
+  )  # fmt: skip
   cases["max_length"], warn_argv = max_length_cases(hf_models, good, out)
   *results, warned = run_cases("eval", [argv for argv, _ in cases.values()] + [warn_argv], tmp_path)
   for (case, (_, needles)), result in zip(cases.items(), results):
