@@ -50,8 +50,13 @@ class PackedBatch:
 
   Attributes:
     input_ids: int32 [R, L], 0 on unused slots.
-    segment_ids: int32 [R, L], 1, 2, ... for the responses of a row; 0 on unused slots.
-    positions: int32 [R, L], 0 at each response's first token.
+    segment_ids: int32 [R, L], 1, 2, ... for the segments of a row (a response, or with shared
+      prompts an item: its prompt and its responses); 0 on unused slots.
+    branch_ids: int32 [R, L], 0 on a segment's shared prompt (seen by all its responses), k >= 1
+      on the own tokens of its k-th response (seen by that response only); 1 on every token of
+      an unshared response, 0 on unused slots.
+    positions: int32 [R, L], 0 at each segment's first token (a response after a shared prompt
+      continues from the prompt's positions).
     last_index: int32 [b * N], flat index (row * L + column) of each response's last token in
       the global [R_global, L] array; -1 for an empty (padding) response.
     lengths: int32 [b, N], tokens of every response (for FLOP counts and summaries).
@@ -61,6 +66,7 @@ class PackedBatch:
 
   input_ids: Any
   segment_ids: Any
+  branch_ids: Any
   positions: Any
   last_index: Any
   lengths: Any

@@ -228,7 +228,8 @@ def _local_rope_cfg(cfg: ModelConfig) -> ModelConfig:
 class Decoder(nn.Module):
   """A decoder backbone: `(input_ids_bl, attention_mask_bl) -> (hidden_bld, hidden_states)`.
 
-  With `segment_ids_bl` and `positions_bl` (packed rows) each segment attends only to itself.
+  With `segment_ids_bl` and `positions_bl` (packed rows) each segment attends only to itself;
+  with `branch_ids_bl` too (shared prompts), each response to its segment's prompt and itself.
   """
 
   cfg: ModelConfig
@@ -243,13 +244,14 @@ class Decoder(nn.Module):
     output_hidden_states: bool = False,
     segment_ids_bl: jax.Array | None = None,
     positions_bl: jax.Array | None = None,
+    branch_ids_bl: jax.Array | None = None,
   ):
     cfg, family = self.cfg, self.family
     embedded_bld = layers.embed(cfg, cfg.vocab_size, family.embed)(input_ids_bl)
     if family.embed_scale:
       embedded_bld = embedded_bld * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.jnp_dtype)
     positions_bl, mask_b1ll = layers.decoder_positions_and_mask(
-      attention_mask_bl, segment_ids_bl, positions_bl
+      attention_mask_bl, segment_ids_bl, positions_bl, branch_ids_bl
     )
     cos_blr, sin_blr = rope.rotary_angles(cfg, positions_bl)
     sliding_n = cfg.sliding_layers

@@ -141,26 +141,39 @@ def causal_padding_mask(attention_mask_bl: jax.Array) -> jax.Array:
   return causal_ll[None, None] & (attention_mask_bl > 0)[:, None, None, :]
 
 
-def causal_segment_mask(segment_ids_bl: jax.Array) -> jax.Array:
+def causal_segment_mask(
+  segment_ids_bl: jax.Array, branch_ids_bl: jax.Array | None = None
+) -> jax.Array:
   """[B, 1, L, L] for packed rows: query i sees key j iff j <= i and both are in its segment.
 
-  Segments are numbered from 1 within a row; 0 marks unused slots, which see nothing.
+  Segments are numbered from 1 within a row; 0 marks unused slots, which see nothing. With
+  `branch_ids_bl` (shared prompts, `jaxpref.data.packing`), a segment is one item: its shared
+  prefix (branch 0) followed by each response's own tokens (branches 1, 2, ...); a query also
+  needs the key to be in the prefix or in its own branch, so every response sees the prefix and
+  itself only, exactly as when it is scored whole.
   """
   length = segment_ids_bl.shape[-1]
   causal_ll = jnp.tril(jnp.ones((length, length), dtype=bool))
-  same_bll = segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]
-  return causal_ll[None, None] & (same_bll & (segment_ids_bl > 0)[:, None, :])[:, None]
+  visible_bll = segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]
+  visible_bll &= (segment_ids_bl > 0)[:, None, :]
+  if branch_ids_bl is not None:
+    same_branch_bll = branch_ids_bl[:, :, None] == branch_ids_bl[:, None, :]
+    visible_bll &= same_branch_bll | (branch_ids_bl == 0)[:, None, :]
+  return causal_ll[None, None] & visible_bll[:, None]
 
 
 def decoder_positions_and_mask(
-  attention_mask_bl: jax.Array, segment_ids_bl: jax.Array | None, positions_bl: jax.Array | None
+  attention_mask_bl: jax.Array,
+  segment_ids_bl: jax.Array | None,
+  positions_bl: jax.Array | None,
+  branch_ids_bl: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Position ids and the [B, 1, L, L] attention mask of padded or packed (segmented) rows."""
   if segment_ids_bl is None:
     return positions_from_mask(attention_mask_bl), causal_padding_mask(attention_mask_bl)
   if positions_bl is None:
     raise ValueError("packed rows (segment ids) need their positions too")
-  return positions_bl, causal_segment_mask(segment_ids_bl)
+  return positions_bl, causal_segment_mask(segment_ids_bl, branch_ids_bl)
 
 
 def sliding_window_mask(mask_b1ll: jax.Array, positions_bl: jax.Array, window: int) -> jax.Array:
@@ -168,7 +181,8 @@ def sliding_window_mask(mask_b1ll: jax.Array, positions_bl: jax.Array, window: i
 
   transformers tests `kv_idx > q_idx - window` on indices; within one sequence (padded on either
   side, or one segment of a packed row) indices and positions differ by a constant, so positions
-  give the same mask and also hold for packed rows.
+  give the same mask and also hold for packed rows and for a response after a shared prompt
+  (its positions continue from the prompt's).
   """
   distance_bll = positions_bl[:, :, None] - positions_bl[:, None, :]
   return mask_b1ll & (distance_bll < window)[:, None]

@@ -114,9 +114,9 @@ class RewardModel(nn.Module):
   ) -> dict[str, Any]:
     cfg = self.cfg
     # A backbone is called as `backbone(input_ids_bl, attention_mask_bl, output_hidden_states=..)`
-    # (decoders also take `segment_ids_bl`, `positions_bl`) and returns `(hidden_bld, states)`:
-    # the final (normed) hidden states and, if asked, what Hugging Face returns with
-    # `output_hidden_states=True` stacked as [num_layers + 1, B, L, D].
+    # (decoders also take `segment_ids_bl`, `positions_bl`, `branch_ids_bl`) and returns
+    # `(hidden_bld, states)`: the final (normed) hidden states and, if asked, what Hugging Face
+    # returns with `output_hidden_states=True` stacked as [num_layers + 1, B, L, D].
     backbone = registry.get(cfg.arch).backbone(cfg, "backbone")
     # LoRA (cfg.lora) adds its adapters to the backbone's targeted dense layers; else a no-op.
     with lora.adapters(cfg) as lora_matched:
@@ -133,6 +133,7 @@ class RewardModel(nn.Module):
           output_hidden_states=output_hidden_states,
           segment_ids_bl=packed["segment_ids"],
           positions_bl=packed["positions"],
+          branch_ids_bl=packed.get("branch_ids"),
         )
         pooled_bd = gather_flat(hidden_rld, packed["last_index"])
     if cfg.lora is not None and self.is_initializing():
@@ -195,8 +196,9 @@ def apply(
   """Runs the reward model. Returns `rewards` [B] (float32), `pooled` [B, D] and, if asked,
   `hidden_states` [num_layers + 1, B, L, D].
 
-  With `packed` ({"segment_ids", "positions" [R, L], "last_index" [S]}, see
-  `jaxpref.data.packing`), the inputs are packed rows [R, L] and the outputs are per sequence:
+  With `packed` ({"segment_ids", "positions" [R, L], "last_index" [S], optionally
+  "branch_ids" [R, L] for shared prompts}, see `jaxpref.data.packing`), the inputs are packed
+  rows [R, L] and the outputs are per sequence:
   `rewards` [S], `pooled` [S, D]; `hidden_states` stays per row.
 
   `dropout_rng` turns on dropout where the model has some (LoRA's `lora.dropout`, in training).
