@@ -21,7 +21,6 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from jaxpref import cli
-from jaxpref.data.errors import DataConfigError
 
 FLAGS = flags.FLAGS
 
@@ -102,6 +101,7 @@ def contract_from_flags(cfg, *, model=None, workdir=None, flag_values=FLAGS):
   """`(tokenizer, contract)` of the model, with the contract flags applied."""
   from jaxpref.data import contract as input_contract
   from jaxpref.models.source import load_tokenizer_and_contract
+  from jaxpref.training.config import check_max_length
 
   tokenizer, contract = load_tokenizer_and_contract(cfg, model=model, workdir=workdir)
   contract = input_contract.override(
@@ -110,12 +110,12 @@ def contract_from_flags(cfg, *, model=None, workdir=None, flag_values=FLAGS):
     max_length=flag_values.max_length,
     truncation_side=flag_values.truncation_side,
     special_tokens=flag_values.special_tokens,
+    arch=cfg.arch,
   )
-  if contract.max_length > cfg.max_position_embeddings:
-    raise DataConfigError(
-      f"max_length={contract.max_length} exceeds the model's max_position_embeddings="
-      f"{cfg.max_position_embeddings}"
-    )
+  if flag_values.max_length:
+    check_max_length("--max_length", flag_values.max_length, cfg)
+  else:
+    check_max_length("the input contract's max_length", contract.max_length, cfg)
   logging.info("input contract: %s", contract.describe())
   return tokenizer, contract
 

@@ -56,6 +56,15 @@ def test_config_builds_abstract_state(path):
   assert config.loss.kind in ("ranking", "multitask", "more")
 
 
+# The overrides docs/objectives.md gives for jaxpref's preferences over the official settings.
+JAXPREF_CHOICES = {
+  "train.schedule": "constant",
+  "data.on_tie": "skip",
+  "loss.task_presence": "pairs",
+  "data.special_tokens": "auto",
+}
+
+
 @pytest.mark.parametrize(
   "path", [p for p in CONFIG_FILES if p.name.startswith("paper_")], ids=lambda p: p.name
 )
@@ -74,10 +83,21 @@ def test_paper_configs_follow_the_paper(path):
     section, name = key.split(".")
     assert config[section][name] == value, key
   assert config.train.schedule == "linear" and config.train.end_lr_fraction == 0.0
-  assert config.data.on_tie == "keep"
+  assert config.data.on_tie == "keep" and config.loss.task_presence == "items"
+  assert config.data.special_tokens == "paper_before_eos" and config.model.pooling == "last"
+  # jaxpref's own choices are one override each, and validate.
+  from jaxpref.training import config as train_config
+
+  train_config.validate(config)
+  for key, value in JAXPREF_CHOICES.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  train_config.validate(config)
   docs = (Path(__file__).resolve().parents[1] / "docs" / "objectives.md").read_text()
   for key, value in OFFICIAL.items():
     assert f"`{key}={value!r}`".replace("'", "") in docs.replace("'", ""), key
+  for key, value in JAXPREF_CHOICES.items():
+    assert f"`--config.{key}={value}`" in docs, key
   tiny = load_config(path, "tiny")
   assert tiny.model.path == "" and tiny.train.steps > 0
 

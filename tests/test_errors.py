@@ -38,7 +38,10 @@ def run_cases(program: str, cases: list[list[str]], tmp_path: Path) -> list[dict
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  for result in results:  # absl's log lines reach the process's stderr, not a case's
+    result["log"] = proc.stderr
+  return results
 
 
 PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's bar, drawn before a failure shows up
@@ -165,9 +168,10 @@ def test_chat_template_sandbox_violation_is_one_line():
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory, gpt2_tokenizer_file):
-  """A tiny random GPT-NeoX reward model (vocab 64) saved three ways: with its own small
-  tokenizer, with NaN weights, and with GPT-2's 50,257-token tokenizer (a vocabulary mismatch).
-  Written by `hf_io.save_hf` (transformers reads it; test_hf_io checks that), without torch."""
+  """A tiny random GPT-NeoX reward model (vocab 64, 64 rotary positions) saved three ways: with
+  its own small tokenizer, with NaN weights, and with GPT-2's 50,257-token tokenizer (a vocabulary
+  mismatch); and a tiny BERT (64 learned positions). Written by `hf_io.save_hf` (transformers
+  reads it; test_hf_io checks that), without torch."""
   import jax
   import numpy as np
 
@@ -197,7 +201,31 @@ def hf_models(tmp_path_factory, gpt2_tokenizer_file):
     ("big_vocab", params, load_tokenizer(gpt2_tokenizer_file)),
   ):
     dirs[name] = hf_io.save_hf(root / name, cfg, weights, tokenizer)
+  bert = ModelConfig(
+    arch="bert", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+    max_position_embeddings=64, pooling="pooler", head_bias=True, pad_token_id=0,
+  )  # fmt: skip
+  bert_params = reward_model.init_params(bert, jax.random.PRNGKey(0))
+  dirs["bert"] = hf_io.save_hf(root / "bert", bert, bert_params, small)
   return dirs
+
+
+# `--max_length` beyond the model's positions: BERT's learned table has none there (an error, as
+# for `data.max_length` in training); rotary positions exist but were never trained (a warning).
+def max_length_cases(hf_models, data: Path, out: str):
+  error = (
+    [f"--model={hf_models['bert']}", f"--data={data}", f"--output={out}", "--max_length=128"],
+    ("--max_length=128", "only 64 learned positions", "max_position_embeddings=64"),
+  )
+  warning = [f"--model={hf_models['ok']}", f"--data={data}", f"--output={out}", "--max_length=128"]
+  return error, warning
+
+
+def assert_max_length_warning(result: dict) -> None:
+  assert result["code"] == 0, result["stderr"][-3000:]
+  assert "Traceback" not in result["stderr"]
+  # Only this case can log it: the BERT case fails before any warning.
+  assert "--max_length=128 exceeds the model's max_position_embeddings=64" in result["log"]
 
 
 def test_score_errors(tmp_path, hf_models):
@@ -247,12 +275,16 @@ def test_score_errors(tmp_path, hf_models):
   mixed = tmp_path / "mixed.jsonl"
   mixed.write_bytes(b'{"text": "a good answer"}\n{"text": "caf\xe9"}\n')
   skip_argv = [model, f"--data={mixed}", f"--output={out}", "--on_error=skip"]
-  *results, ok = run_cases("score", [argv for argv, _ in cases.values()] + [skip_argv], tmp_path)
+  cases["max_length"], warn_argv = max_length_cases(hf_models, good, out)
+  *results, warned, ok = run_cases(
+    "score", [argv for argv, _ in cases.values()] + [warn_argv, skip_argv], tmp_path
+  )
   for (case, (_, needles)), result in zip(cases.items(), results):
     try:
       assert_one_line_error(result, "score", *needles)
     except AssertionError as e:
       raise AssertionError(f"case {case}: {e}") from None
+  assert_max_length_warning(warned)
   assert ok["code"] == 0, ok["stderr"][-2000:]
   assert '"invalid_json": 1' in ok["stderr"]
   (scored,) = [json.loads(line) for line in Path(out).read_text().splitlines()]
@@ -285,12 +317,19 @@ def test_eval_errors(tmp_path, hf_models):
       ("token id", "vocab_size 64"),
     ),
   }
-  results = run_cases("eval", [argv for argv, _ in cases.values()], tmp_path)
+  cases["before_eos_bert"] = (
+    [f"--model={hf_models['bert']}", f"--data={good}", f"--output={out}",
+     "--special_tokens=paper_before_eos"],
+    ("special_tokens=paper_before_eos reads the token before the EOS", "bert with pooler"),
+  )  # fmt: skip
+  cases["max_length"], warn_argv = max_length_cases(hf_models, good, out)
+  *results, warned = run_cases("eval", [argv for argv, _ in cases.values()] + [warn_argv], tmp_path)
   for (case, (_, needles)), result in zip(cases.items(), results):
     try:
       assert_one_line_error(result, "eval", *needles)
     except AssertionError as e:
       raise AssertionError(f"case {case}: {e}") from None
+  assert_max_length_warning(warned)
 
 
 CONFIG_CASES = {
@@ -310,6 +349,11 @@ CONFIG_CASES = {
   "config.train.learning_rate?",
   "bogus=1": "unknown config key config.bogus",
   "train.more_alpha=0.5": "did you mean config.loss.more_alpha?",
+  "loss.task_presence=ties": "loss.task_presence='ties': choose one of 'pairs', 'items'",
+  "data.special_tokens=eos": "data.special_tokens='eos': choose one of",
+  # Two overrides (space-separated): the official reading needs a causal decoder's last token.
+  "data.special_tokens=paper_before_eos model.pooling=mean": "data.special_tokens="
+  "'paper_before_eos': reads the token before the EOS without it",
 }
 
 
@@ -318,7 +362,7 @@ def test_train_config_errors_before_any_data_is_read(tmp_path, hf_models):
   file that does not exist, so reading it would be a different error)."""
   missing = tmp_path / "not_read.jsonl"
   base = [f"--config={th.TINY}", f"--workdir={tmp_path / 'run'}", f"--config.data.files={missing}"]
-  cases = [[*base, f"--config.{c}"] for c in CONFIG_CASES]
+  cases = [[*base, *(f"--config.{c}" for c in case.split())] for case in CONFIG_CASES]
   cases.append([f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path / 'run'}"])
   hub = [f"--config={th.TINY}", f"--workdir={tmp_path / 'run2'}", f"--config.data.files={missing}"]
   cases.append([*hub, "--config.model.path=EleutherAI/pythia-14m"])

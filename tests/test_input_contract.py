@@ -423,7 +423,7 @@ def test_every_program_agrees_per_arch(tmp_path, arch, preferences_dir):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("mode", ["auto", "paper", "tokenizer", "none"])
+@pytest.mark.parametrize("mode", ["auto", "paper", "paper_before_eos", "tokenizer", "none"])
 def test_configured_tokenizer_call_is_jaxpref_tokenisation(tmp_path, side, mode):
   """After `configure`, a plain `tokenizer(texts, truncation=True)` (also reloaded from disk with
   AutoTokenizer) gives the ids `encode_texts` gives; the pad token is not EOS."""

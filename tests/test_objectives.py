@@ -374,15 +374,21 @@ def _slsqp_weights(vectors):
 class _PaperMore:
   """The paper's host-side MORE step, re-created: a CPU torch copy of the head, one backward per
   task present, momentum, `gradient_normalizer`, and a min-norm solve (scipy here, to be exact).
-  Momentum starts from each task's first gradient (as jaxpref does; see docs)."""
+  Momentum starts from each task's first gradient (as jaxpref does; see docs).
 
-  def __init__(self, num_tasks, dim, alpha, normalize):
+  With `count_tie_only_tasks` every task with an item in the batch takes part, as in the official
+  code: a task whose items all tie has a zero loss and gradient, its momentum decays, it gets a
+  min-norm weight, and it counts in the task factor (`len(weights)` in `more_ranking_loss`).
+  """
+
+  def __init__(self, num_tasks, dim, alpha, normalize, count_tie_only_tasks=False):
     import torch  # noqa: PLC0415
 
     self.torch = torch
     self.momentum = [None] * num_tasks
     self.head = torch.nn.Linear(dim, 1, bias=True).double()
     self.alpha, self.normalize = alpha, normalize
+    self.count_tie_only_tasks = count_tie_only_tasks
 
   def _ranking_loss(self, rewards, scores):
     torch = self.torch
@@ -404,11 +410,20 @@ class _PaperMore:
     task_ids = np.asarray(batch["task_ids"])
     rewards = self.head(pooled)[..., 0]
     present, task_losses, sums, total_pairs = [], [], {}, 0
+    num_tasks_in_batch = 0
     for task in sorted(set(task_ids.tolist())):
       sel = torch.tensor(task_ids == task)
       loss, pairs = self._ranking_loss(rewards[sel], scores[sel])
       if pairs == 0:
+        if self.count_tie_only_tasks and bool((scores[sel] >= 0).any()):
+          num_tasks_in_batch += 1
+          if self.momentum[task] is not None:  # a zero gradient: the momentum decays
+            self.momentum[task] = (1 - self.alpha) * self.momentum[task]
+            present.append(task)
+            task_losses.append(0.0)
+            sums[task] = 0.0
         continue
+      num_tasks_in_batch += 1
       self.head.zero_grad()
       loss.backward(retain_graph=True)
       grad = self.head.weight.grad[0].numpy().copy()
@@ -425,11 +440,11 @@ class _PaperMore:
     elif self.normalize == "loss":
       shifted = np.array(task_losses) + 1
       grads = [g / s for g, s in zip(grads, shifted / shifted.sum())]
-    elif self.normalize == "loss+":
-      grads = [g / (n * ls) for g, n, ls in zip(grads, norms, task_losses)]
+    elif self.normalize == "loss+":  # a zero loss divides by 1 (jaxpref's guard, see docs)
+      grads = [g / (n * (ls or 1.0)) for g, n, ls in zip(grads, norms, task_losses)]
     weights = np.zeros(len(self.momentum))
     weights[present] = _slsqp_weights(np.stack(grads))
-    loss = len(present) * sum(weights[t] * sums[t] for t in present) / total_pairs
+    loss = num_tasks_in_batch * sum(weights[t] * sums[t] for t in present) / total_pairs
     return loss, weights
 
 
@@ -456,6 +471,74 @@ def test_more_matches_paper_procedure_over_steps(normalize):
         np.testing.assert_allclose(
           state.momentum_td[task], paper.momentum[task], rtol=1e-4, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("normalize", ["l2", "loss", "loss+", "none"])
+def test_tie_only_task_counts_as_the_official_code_counts_it(normalize):
+  """`task_presence=items` (the paper configs): a task whose items all tie in a batch keeps its
+  place, as in the official code: its momentum decays, it gets a min-norm weight and counts in
+  the task factor T (3 here, where `pairs` gives 2). `pairs` (jaxpref's default) leaves it out."""
+  pytest.importorskip("torch")
+  cfgs = {
+    presence: LossConfig(
+      kind="more", more_alpha=0.7, more_normalize=normalize, task_presence=presence
+    )
+    for presence in ("items", "pairs")
+  }
+  papers = {
+    presence: _PaperMore(NUM_TASKS, DIM, 0.7, normalize, count_tie_only_tasks=presence == "items")
+    for presence in cfgs
+  }
+  states = {p: objectives.init_objective_state(NUM_TASKS, DIM) for p in cfgs}
+  for step in range(3):
+    batch = _batch(20 + step, num_items=9)
+    if step == 1:  # every item of task 1 ties (and a filler row of task 2 adds nothing)
+      batch["scores"][batch["task_ids"] == 1] = 0.5
+      batch["scores"][-1] = -1.0
+    for presence, cfg in cfgs.items():
+      before = states[presence]
+      loss, states[presence], metrics, _ = _run(cfg, before, batch)
+      expected_loss, expected_weights = papers[presence].step(batch)
+      np.testing.assert_allclose(metrics["task_weight_t"], expected_weights, atol=2e-4)
+      np.testing.assert_allclose(loss, expected_loss, rtol=1e-4)
+      if step != 1:
+        continue
+      momentum_1 = states[presence].momentum_td[1]
+      if presence == "items":
+        assert float(metrics["tasks_present"]) == 3.0
+        assert float(metrics["task_weight_t"][1]) > 0.0
+        np.testing.assert_allclose(momentum_1, 0.3 * before.momentum_td[1], rtol=1e-6)
+      else:
+        assert float(metrics["tasks_present"]) == 2.0
+        assert float(metrics["task_weight_t"][1]) == 0.0
+        np.testing.assert_array_equal(momentum_1, before.momentum_td[1])
+
+
+@pytest.mark.parametrize("presence", objectives.TASK_PRESENCES)
+def test_tie_only_task_and_multitask(presence):
+  """MultiTask stays the ranking loss under either task count; only the weights report differs.
+  A task first met with ties only (no momentum yet) counts in T but gets no MORE weight."""
+  batch = _batch(30, num_items=9)
+  batch["scores"][batch["task_ids"] == 2] = 1.0
+  state = objectives.init_objective_state(NUM_TASKS, DIM)
+  loss, _, metrics, _ = _run(LossConfig(kind="multitask", task_presence=presence), state, batch)
+  rewards = _rewards(batch["kernel"], batch["bias"], batch["pooled"])
+  np.testing.assert_allclose(loss, losses.ranking_loss(rewards, batch["scores"]), rtol=1e-6)
+  present = 3 if presence == "items" else 2
+  np.testing.assert_allclose(metrics["task_weight_t"][:2], 1.0 / present, rtol=1e-6)
+  loss, new_state, metrics, _ = _run(LossConfig(kind="more", task_presence=presence), state, batch)
+  assert float(metrics["tasks_present"]) == present and float(metrics["task_weight_t"][2]) == 0
+  assert not bool(new_state.seen_t[2])
+  np.testing.assert_array_equal(new_state.momentum_td[2], 0.0)
+  terms, _ = losses.pair_terms(rewards, batch["scores"])
+  item_w = np.asarray(metrics["task_weight_t"])[batch["task_ids"]]
+  expected = present * np.sum(item_w[:, None, None] * terms) / np.sum(terms > 0)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_task_presence_is_validated():
+  with pytest.raises(ValueError, match="loss.task_presence='ties'"):
+    LossConfig(task_presence="ties")
 
 
 def test_more_weights_are_constants_and_embeddings_get_no_gradient():

@@ -6,7 +6,7 @@ template, and the pooled position. Training decides it (`configure`), writes it 
 `WORKDIR/input_contract.json`, and saves the run's tokenizer *configured* with it: a
 post-processor that adds exactly the contract's special tokens, its truncation side and
 `model_max_length`, and a pad token that no text ends with. An export copies both, so a plain
-`AutoTokenizer.from_pretrained(EXPORT)(texts, truncation=True, max_length=N)` gives the token ids
+`AutoTokenizer.from_pretrained(EXPORT)(texts, truncation=True)` gives the token ids
 jaxpref scores, and `*ForSequenceClassification`, which pools the last token that is not
 `config.pad_token_id`, reads the position jaxpref pools. See docs/what_the_model_sees.md.
 """
@@ -21,7 +21,13 @@ from typing import Any
 from absl import logging
 
 from jaxpref.data import errors
-from jaxpref.data.tokenize import SPECIAL_TOKENS, TokenizeOptions, special_affixes
+from jaxpref.data.tokenize import (
+  PAPER_BEFORE_EOS,
+  SPECIAL_TOKENS,
+  TokenizeOptions,
+  row_length,
+  special_affixes,
+)
 
 CONTRACT_FILE = "input_contract.json"
 # The pad token added when a tokenizer has none that differs from EOS (and the model has room).
@@ -30,6 +36,8 @@ PAD_TOKEN = "<|pad|>"
 # (the last token whose id is not the pad id); the other values are `ModelConfig.pooling` names.
 LAST_NON_PAD = "last_non_pad"
 _DECODERS = ("gpt_neox", "llama")
+# Every other architecture is a causal decoder: its state at a token does not see later tokens.
+_BIDIRECTIONAL = ("bert",)
 _VERSION = 1
 _warned_inferred: set[str] = set()
 
@@ -39,7 +47,9 @@ class InputContract:
   """What the model sees.
 
   Attributes:
-    max_length: longest row in tokens, special tokens included.
+    max_length: longest row in tokens, special tokens included; with `paper_before_eos` it
+      also counts the EOS the official code appends, and rows are one token shorter
+      (`row_length`, the configured tokenizer's `model_max_length`).
     truncation_side: which end of a long text is cut (`left` keeps the end of a conversation).
     padding_side: where a batch is padded (rewards do not depend on it, see the docs page).
     special_tokens: the mode `prefix`/`suffix` were resolved from (see `TokenizeOptions`).
@@ -74,6 +84,11 @@ class InputContract:
       padding_side=self.padding_side,
       special_tokens=self.special_tokens,
     )
+
+  @property
+  def row_length(self) -> int:
+    """The longest row the model sees (`model_max_length` of the configured tokenizer)."""
+    return row_length(self.max_length, self.special_tokens)
 
   @property
   def prefix_ids(self) -> tuple[int, ...]:
@@ -122,7 +137,7 @@ class InputContract:
     suf = " ".join(t for t, _ in self.suffix)
     text = " ".join(x for x in (pre, "text", suf) if x)
     return (
-      f"{text} (special_tokens={self.special_tokens}), at most {self.max_length} tokens cut on "
+      f"{text} (special_tokens={self.special_tokens}), at most {self.row_length} tokens cut on "
       f"the {self.truncation_side}, padded on the {self.padding_side} with "
       f"{self.pad_token}={self.pad_id}, pooled at {self.pooled_position}"
     )
@@ -148,6 +163,16 @@ def read(directory: str | Path) -> InputContract | None:
   if not isinstance(fields, dict):
     raise errors.DataConfigError(f"{path}: expected a JSON object")
   return InputContract.from_dict(fields, str(path))
+
+
+def _check_before_eos(mode: str, arch: str | None, pooling: str) -> None:
+  # Leaving the EOS off gives the official reward only where the pooled state cannot see it.
+  if mode == PAPER_BEFORE_EOS and (arch in _BIDIRECTIONAL or pooling != "last"):
+    raise errors.DataConfigError(
+      f"special_tokens={PAPER_BEFORE_EOS} reads the token before the EOS, which only a causal "
+      f"decoder with last pooling does without seeing the EOS; this model is "
+      f"{arch or 'a model'} with {pooling} pooling: use special_tokens=paper"
+    )
 
 
 def _pooled_position(arch: str, pooling: str, pad_id: int | None) -> str:
@@ -198,6 +223,7 @@ def configure(
     raise errors.DataConfigError(
       f"special_tokens={special_tokens!r}: choose one of {SPECIAL_TOKENS}"
     )
+  _check_before_eos(special_tokens, arch, pooling)
   prefix_ids, suffix_ids = special_affixes(tokenizer, special_tokens)
   avoid = {i for i in (tokenizer.eos_token_id, *suffix_ids[-1:]) if i is not None}
   _choose_pad(tokenizer, avoid, vocab_size)
@@ -264,7 +290,7 @@ def apply(tokenizer: Any, contract: InputContract) -> Any:
     tokenizer._should_update_post_processor = False
   tokenizer.truncation_side = contract.truncation_side
   tokenizer.padding_side = contract.padding_side
-  tokenizer.model_max_length = contract.max_length
+  tokenizer.model_max_length = contract.row_length
   plain = list(tokenizer("a b", add_special_tokens=False)["input_ids"])
   full = list(tokenizer("a b")["input_ids"])
   if full != [*contract.prefix_ids, *plain, *contract.suffix_ids]:
@@ -296,7 +322,7 @@ def save_tokenizer(tokenizer: Any, directory: str | Path, contract: InputContrac
     "model_input_names": list(tokenizer.model_input_names),
     "truncation_side": contract.truncation_side,
     "padding_side": contract.padding_side,
-    "model_max_length": contract.max_length,
+    "model_max_length": contract.row_length,
     "pad_token": contract.pad_token,
   }
   config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -366,8 +392,12 @@ def override(
   truncation_side: str | None = None,
   padding_side: str | None = None,
   special_tokens: str | None = None,
+  arch: str | None = None,
 ) -> InputContract:
-  """`contract` with the parts a user set on the command line changed (None keeps a part)."""
+  """`contract` with the parts a user set on the command line changed (None keeps a part).
+
+  `arch` (the model's) lets a switch to `paper_before_eos` refuse a bidirectional model.
+  """
   changes: dict[str, Any] = {}
   if max_length:
     changes["max_length"] = int(max_length)
@@ -376,6 +406,7 @@ def override(
   if padding_side:
     changes["padding_side"] = padding_side
   if special_tokens and special_tokens != contract.special_tokens:
+    _check_before_eos(special_tokens, arch, contract.pooling)
     prefix_ids, suffix_ids = special_affixes(tokenizer, special_tokens)
     changes |= {
       "special_tokens": special_tokens,

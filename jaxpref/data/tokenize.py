@@ -19,7 +19,11 @@ from absl import logging
 from jaxpref.data import errors
 from jaxpref.data.records import DataSummary, PreferenceItem
 
-SPECIAL_TOKENS = ("auto", "paper", "tokenizer", "none")
+SPECIAL_TOKENS = ("auto", "paper", "paper_before_eos", "tokenizer", "none")
+# The official code's rows: BOS + text + EOS in `max_length` tokens, read at the token before the
+# EOS. A causal decoder's state there does not see the EOS, so the EOS is left off: the rows are
+# BOS + text in `max_length - 1` tokens, and `last` pooling reads the same state.
+PAPER_BEFORE_EOS = "paper_before_eos"
 _ENCODE_CHUNK = 1024
 
 
@@ -35,6 +39,9 @@ class TokenizeOptions:
     special_tokens: `auto`: the tokenizer's own special tokens (Llama's BOS, BERT's CLS/SEP)
       plus EOS at the end when the tokenizer does not end a text with it, so `last`/`eos`
       pooling reads an end-of-text token; `paper`: BOS + text + EOS as in the paper's code;
+      `paper_before_eos`: the paper's code as its `last` pooling reads it (the token before the
+      appended EOS): BOS + text, in rows one token shorter than `max_length` (`row_length`;
+      causal decoders with `last` pooling only);
       `tokenizer`: only what the tokenizer adds itself; `none`: nothing (e.g. for texts rendered
       with a chat template, which writes its own). Special tokens are kept when a text is cut:
       truncation removes text tokens only, as a Hugging Face tokenizer does. A text that
@@ -187,6 +194,16 @@ def options_for(
   )
 
 
+def row_length(max_length: int, mode: str) -> int:
+  """The longest row `max_length` gives with special-token mode `mode`.
+
+  `max_length` itself, except for `paper_before_eos`, where `max_length` counts the EOS that the
+  official code appends and its pooled token never sees: rows are one token shorter, so a text
+  is cut to the same tokens as there.
+  """
+  return max_length - 1 if mode == PAPER_BEFORE_EOS else max_length
+
+
 def special_affixes(tokenizer: Any, mode: str) -> tuple[list[int], list[int]]:
   """(prefix ids, suffix ids) that `mode` puts around each text."""
   bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -194,6 +211,8 @@ def special_affixes(tokenizer: Any, mode: str) -> tuple[list[int], list[int]]:
     return [], []
   if mode == "paper":
     return [bos] if bos is not None else [], [eos] if eos is not None else []
+  if mode == PAPER_BEFORE_EOS:
+    return [bos] if bos is not None else [], []
   sample = "a b"
   plain = list(tokenizer(sample, add_special_tokens=False)["input_ids"])
   full = list(tokenizer(sample, add_special_tokens=True)["input_ids"])
@@ -255,14 +274,15 @@ def encode_texts(
   """Token ids of each text as the input contract says, and which texts were cut.
 
   The one tokenisation path of jaxpref: training, evaluation and `jaxpref.score` all call it.
-  Equal to `tokenizer(texts, truncation=True, max_length=options.max_length)` for a tokenizer
-  configured by `jaxpref.data.contract.apply` (then dropping trailing `strip_pad_id` tokens).
+  Equal to `tokenizer(texts, truncation=True)` for a tokenizer configured by
+  `jaxpref.data.contract.apply` (whose `model_max_length` is `row_length(max_length, mode)`),
+  then dropping trailing `strip_pad_id` tokens.
   """
   prefix, suffix = options.resolve_affixes(tokenizer)
-  budget = options.max_length - len(prefix) - len(suffix)
+  budget = row_length(options.max_length, options.special_tokens) - len(prefix) - len(suffix)
   if budget < 1:
     raise errors.DataConfigError(
-      f"max_length={options.max_length} leaves no room for text "
+      f"max_length={options.max_length} ({options.special_tokens}) leaves no room for text "
       f"next to {len(prefix) + len(suffix)} special tokens"
     )
   pad = options.strip_pad_id
@@ -332,7 +352,7 @@ def tokenize_items(
       name,
       num_truncated,
       len(items),
-      options.max_length,
+      row_length(options.max_length, options.special_tokens),
       options.truncation_side,
     )
   return TokenizedItems(

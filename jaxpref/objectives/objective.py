@@ -31,6 +31,9 @@ from jaxpref.objectives import losses
 
 KINDS = ("ranking", "multitask", "more")
 NORMALIZATIONS = ("l2", "loss", "loss+", "none")
+# When a task takes part in a step: `pairs`, when the batch holds at least one of its untied pairs
+# (jaxpref); `items`, when it holds any of its items, ties included (the official code).
+TASK_PRESENCES = ("pairs", "items")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -45,6 +48,10 @@ class LossConfig:
     more_normalize: how MORE normalises task gradients before MGDA: `l2`, `loss`, `loss+`, `none`.
     margin: subtracted from every reward difference, `-log sigmoid(r_i - r_j - margin)`.
     center_rewards_coef: adds `coef * mean(r^2)` over real responses (keeps rewards centred).
+    task_presence: which tasks take part in a step (counted in the loss's task factor T, and
+      weighted by MORE): `pairs`, those with at least one untied pair in the batch; `items`,
+      those with any item in the batch, ties included, as the official code (a tie-only task
+      then gets a MORE weight from its decayed momentum, and T counts it).
   """
 
   kind: str = "ranking"
@@ -52,6 +59,7 @@ class LossConfig:
   more_normalize: str = "l2"
   margin: float = 0.0
   center_rewards_coef: float = 0.0
+  task_presence: str = "pairs"
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -60,6 +68,11 @@ class LossConfig:
       raise ValueError(
         f"loss.more_normalize={self.more_normalize!r} is not supported; choose one "
         f"of {NORMALIZATIONS}"
+      )
+    if self.task_presence not in TASK_PRESENCES:
+      raise ValueError(
+        f"loss.task_presence={self.task_presence!r} is not supported; choose one "
+        f"of {TASK_PRESENCES}"
       )
     for field in ("more_alpha", "margin", "center_rewards_coef"):
       value = getattr(self, field)
@@ -213,9 +226,10 @@ def objective_loss(
   """The training loss selected by `loss_cfg.kind`, its new state, and its metrics.
 
   The loss is `T * sum_t w_t * S_t / P (+ coef * mean(r^2))`, where S_t is the sum of task t's
-  pair terms, P the batch's pair count, T the number of tasks with at least one pair in the batch
-  and w_t (held constant) is uniform over those tasks for `ranking`/`multitask` and MGDA's
-  min-norm weights for `more`; tasks without pairs get w_t = 0 and keep their momentum.
+  pair terms, P the batch's pair count, T the number of present tasks (with at least one pair in
+  the batch, or with `task_presence=items` at least one item) and w_t (held constant) is uniform
+  over those tasks for `ranking`/`multitask` and MGDA's min-norm weights for `more`; absent tasks
+  get w_t = 0 and keep their momentum.
 
   Args:
     loss_cfg: the objective and its options.
@@ -250,7 +264,13 @@ def objective_loss(
   task_correct_t = jnp.einsum(
     "bt,b->t", onehot_bt, jnp.sum(correct_bnn, axis=(1, 2), dtype=jnp.float32)
   )
-  present_t = task_pairs_t > 0
+  has_pairs_t = task_pairs_t > 0
+  if loss_cfg.task_presence == "items":
+    # Any real response makes an item; rows that only fill a batch (all scores < 0) do not.
+    has_item_b = jnp.any(scores_bn >= 0, axis=1).astype(jnp.float32)
+    present_t = has_pairs_t | (jnp.einsum("bt,b->t", onehot_bt, has_item_b) > 0)
+  else:
+    present_t = has_pairs_t
   num_present = jnp.sum(present_t, dtype=jnp.float32)
   task_losses_t = jax.lax.stop_gradient(task_sums_t) / jnp.maximum(task_pairs_t, 1.0)
   uniform_t = present_t.astype(jnp.float32) / jnp.maximum(num_present, 1.0)
@@ -263,15 +283,18 @@ def objective_loss(
   new_state = state
   if kind == "more":
     alpha = loss_cfg.more_alpha
+    # A present task without pairs (task_presence=items) has a zero gradient: its momentum
+    # decays, as in the official code. One never seen has no direction yet and no weight.
+    weighted_t = present_t & (has_pairs_t | state.seen_t)
     blended_td = jnp.where(
       state.seen_t[:, None], (1.0 - alpha) * state.momentum_td + alpha * grads_td, grads_td
     )
-    momentum_td = jnp.where(present_t[:, None], blended_td, state.momentum_td)
-    new_state = ObjectiveState(momentum_td=momentum_td, seen_t=state.seen_t | present_t)
+    momentum_td = jnp.where(weighted_t[:, None], blended_td, state.momentum_td)
+    new_state = ObjectiveState(momentum_td=momentum_td, seen_t=state.seen_t | has_pairs_t)
     vectors_td = normalize_task_grads(
-      momentum_td, task_losses_t, present_t, loss_cfg.more_normalize
+      momentum_td, task_losses_t, weighted_t, loss_cfg.more_normalize
     )
-    weights_t = losses.min_norm_weights(vectors_td, present_t)
+    weights_t = losses.min_norm_weights(vectors_td, weighted_t)
   else:
     weights_t = uniform_t
   weights_t = jax.lax.stop_gradient(weights_t)

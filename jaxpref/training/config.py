@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.more_normalize = "l2"  # l2 | loss | loss+ | none
   c.loss.margin = 0.0
   c.loss.center_rewards_coef = 0.0
+  # Tasks taking part in a step (the loss's task count, MORE's weights): pairs (with an untied
+  # pair in the batch) | items (with any item, ties included: the official code's count).
+  c.loss.task_presence = "pairs"
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100
@@ -146,6 +149,8 @@ TRUNCATION_SIDES = ("left", "right")
 DTYPES = ("float32", "bfloat16", "float16")
 # Shorter than this, a prompt and a response hardly fit: allowed, with a warning.
 MIN_SENSIBLE_LENGTH = 16
+# Architectures with a learned (absolute) position table: no position exists beyond it.
+LEARNED_POSITIONS = ("bert",)
 
 
 class ConfigError(ValueError):
@@ -162,9 +167,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ConfigError: the first bad value, as `config: key=value: what is wrong / what is allowed`.
   """
-  from jaxpref.data import formats, reader
+  from jaxpref.data import formats, reader, tokenize
   from jaxpref.models import config as model_config
   from jaxpref.objectives import objective as objectives
+  from jaxpref.training import step
 
   def at_least(key: str, minimum: float) -> None:
     section, name = key.split(".")
@@ -220,6 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   one_of("data.on_tie", ("", *reader.ON_TIE))
   one_of("data.mixing", MIXINGS)
   one_of("data.truncation_side", TRUNCATION_SIDES)
+  one_of("data.special_tokens", tokenize.SPECIAL_TOKENS)
   if "responses_per_item" in config.data:
     at_least("data.responses_per_item", 0)
     if config.data.responses_per_item == 1:
@@ -227,14 +234,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   one_of("loss.kind", objectives.KINDS)
   one_of("loss.more_normalize", objectives.NORMALIZATIONS)
+  one_of("loss.task_presence", objectives.TASK_PRESENCES)
   try:
-    objectives.LossConfig(
-      kind=config.loss.kind,
-      more_alpha=config.loss.more_alpha,
-      more_normalize=config.loss.more_normalize,
-      margin=config.loss.margin,
-      center_rewards_coef=config.loss.center_rewards_coef,
-    )
+    step.loss_config(config.loss)
   except ValueError as e:
     raise ConfigError(f"config: {e}") from None
 
@@ -244,6 +246,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   one_of("model.attention", model_config.ATTENTIONS)
   if not config.model.path and not config.model.preset:
     one_of("model.arch", model_config.ARCHS)
+  if config.data.special_tokens == tokenize.PAPER_BEFORE_EOS:
+    # The model's arch may only be known from its checkpoint: the input contract checks it too.
+    arch = "" if config.model.path or config.model.preset else config.model.arch
+    if config.model.pooling not in ("", "last") or arch in LEARNED_POSITIONS:
+      raise _fail(
+        "data.special_tokens",
+        tokenize.PAPER_BEFORE_EOS,
+        "reads the token before the EOS without it, which needs a causal decoder with "
+        f"model.pooling=last (model.pooling={config.model.pooling!r}, model.arch={arch!r})",
+      )
   for axis in ("data", "fsdp", "tensor"):
     value = config.mesh[axis]
     if value != -1 and value < 1:
@@ -251,31 +263,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def check_lengths(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
-  """`data.max_length` against the model: beyond learned positions is an error, beyond rotary
-  positions and tiny lengths a warning (they run, but are rarely meant).
+  """`data.max_length` against the model (`check_max_length`).
 
   Raises:
     ConfigError: max_length beyond a learned (BERT) position table.
   """
+  check_max_length("data.max_length", config.data.max_length, model_cfg, prefix="config: ")
+
+
+def check_max_length(key: str, max_length: int, model_cfg: ModelConfig, prefix: str = "") -> None:
+  """A length limit against the model's positions; training and the eval/score flags share it.
+
+  Beyond learned positions (BERT's position table) is an error; beyond rotary positions a
+  warning (the model runs, on positions it was never trained on), and so is a tiny length.
+
+  Args:
+    key: what the user set, as they wrote it (`data.max_length`, `--max_length`).
+    max_length: its value.
+    model_cfg: the model's config.
+    prefix: put before the error message (`config: ` for training).
+
+  Raises:
+    ConfigError: `{prefix}{key}={max_length}: the model has only N learned positions ...`.
+  """
   from absl import logging
 
-  max_length, positions = config.data.max_length, model_cfg.max_position_embeddings
+  positions = model_cfg.max_position_embeddings
   if max_length > positions:
-    if model_cfg.arch == "bert":
-      raise _fail(
-        "data.max_length", max_length, f"the model has only {positions} learned positions"
+    if model_cfg.arch in LEARNED_POSITIONS:
+      raise ConfigError(
+        f"{prefix}{key}={max_length}: the model has only {positions} learned positions "
+        f"(max_position_embeddings={positions})"
       )
     logging.warning(
-      "data.max_length=%d exceeds the model's max_position_embeddings=%d: rotary positions "
-      "beyond it were never trained",
+      "%s=%d exceeds the model's max_position_embeddings=%d: rotary positions beyond it were "
+      "never trained",
+      key,
       max_length,
       positions,
     )
   if max_length < MIN_SENSIBLE_LENGTH:
     logging.warning(
-      "data.max_length=%d is tiny: most texts will be cut to their last %d tokens",
-      max_length,
-      max_length,
+      "%s=%d is tiny: most texts will be cut to their last %d tokens", key, max_length, max_length
     )
 
 

@@ -7,10 +7,13 @@ the user fills in (`--config.model.path=...`, `--config.data.files=...`): nothin
 
 Settings the paper leaves open follow the official code (dunzeng/MORE, its README's command and
 the Hugging Face Trainer defaults it runs on), listed in `OFFICIAL` and docs/objectives.md:
-the learning rate decays linearly to 0 without warmup (the Trainer's default `linear` schedule),
-and tied comparisons are kept (the official data loader keeps them and its loss masks tied pairs
-out). jaxpref's own preferences are one override away:
-`--config.train.schedule=constant --config.data.on_tie=skip`.
+the learning rate decays linearly to 0 without warmup (the Trainer's default `linear` schedule);
+tied comparisons are kept (the official data loader keeps them and its loss masks tied pairs
+out) and a task whose items all tie in a batch still counts as one of the batch's tasks
+(`loss.task_presence=items`); the reward is read where the official `last` pooling reads it, at
+the token before the appended EOS (`data.special_tokens=paper_before_eos`). jaxpref's own
+preferences are one override each: `--config.train.schedule=constant
+--config.data.on_tie=skip --config.loss.task_presence=pairs --config.data.special_tokens=auto`.
 
 The `tiny` variant (`--config=configs/<file>.py:tiny`) keeps every setting that does not need the
 real checkpoint or data and runs a few steps of a random-init model on the shared CPU data.
@@ -41,6 +44,9 @@ OFFICIAL = {
   "train.warmup_steps": 0,  # HF Trainer warmup_steps default
   "train.weight_decay": 0.0,  # HF Trainer weight_decay default
   "data.on_tie": "keep",  # ties kept in the data; the loss masks tied pairs out
+  "loss.task_presence": "items",  # a tie-only task still counts (task_num, its MORE weight)
+  # BOS + text + EOS, read at the token before EOS (`sequence_lengths - 2` in model.py)
+  "data.special_tokens": "paper_before_eos",
   "data.truncation_side": "left",  # --truncation_side left
   "data.max_length": 512,  # --max_length 512
   "train.learning_rate": 1e-6,  # --learning_rate 1e-6
@@ -66,7 +72,9 @@ def paper_config(model: str, objective: str, variant: str = "") -> ml_collection
   c.model.pooling = "last"
   c.data.files = ",".join(f"/path/to/data/{task}.jsonl" for task in PAPER_TASKS)
   c.data.task_names = ",".join(PAPER_TASKS)
-  c.data.on_tie = "keep"  # As the official run: tied items stay (their pairs add no loss).
+  c.data.on_tie = "keep"  # As the official run: tied items stay (their pairs add no loss),
+  c.loss.task_presence = "items"  # and their task counts in the loss's task factor and MGDA.
+  c.data.special_tokens = "paper_before_eos"  # The official `last` pooling's position.
   c.data.max_length = 512
   c.data.truncation_side = "left"
   c.data.mixing = "resample"

@@ -152,6 +152,7 @@ def loss_config(loss: ml_collections.ConfigDict) -> objectives.LossConfig:
     more_normalize=loss.more_normalize,
     margin=loss.margin,
     center_rewards_coef=loss.center_rewards_coef,
+    task_presence=loss.get("task_presence", "pairs"),
   )
 
 
