@@ -283,8 +283,11 @@ def _external_rm(tmp_path: Path, arch: str, gpt2_tokenizer_file: Path) -> tuple[
     model = transformers.GPTNeoXForSequenceClassification(config)
   else:
     # A tokenizer that appends EOS and pads with it: transformers pools the token before EOS.
-    config = transformers.LlamaConfig(pad_token_id=50256, **common)
-    model = transformers.LlamaForSequenceClassification(config)
+    config_cls, model_cls = {
+      "llama": (transformers.LlamaConfig, transformers.LlamaForSequenceClassification),
+      "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForSequenceClassification),
+    }[arch]
+    model = model_cls(config_cls(pad_token_id=50256, num_key_value_heads=2, **common))
     import tokenizers
 
     tok.backend_tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
@@ -300,7 +303,7 @@ def _external_rm(tmp_path: Path, arch: str, gpt2_tokenizer_file: Path) -> tuple[
 @pytest.mark.parametrize(
   "arch",
   # gpt_neox through the CLI runs by default in test_eval_cli.py.
-  [pytest.param("gpt_neox", marks=pytest.mark.slow), "llama"],
+  [pytest.param("gpt_neox", marks=pytest.mark.slow), "llama", "qwen2"],
 )
 def test_external_checkpoint_eval_matches_transformers(
   tmp_path, arch, gpt2_tokenizer_file, preferences_dir

@@ -35,8 +35,8 @@ PAD_TOKEN = "<|pad|>"
 # Pooled positions: `last_non_pad` is transformers' rule for *ForSequenceClassification decoders
 # (the last token whose id is not the pad id); the other values are `ModelConfig.pooling` names.
 LAST_NON_PAD = "last_non_pad"
-_DECODERS = ("gpt_neox", "llama")
-# Every other architecture is a causal decoder: its state at a token does not see later tokens.
+# Every architecture but these is a causal decoder: its state at a token does not see later
+# tokens, and transformers' *ForSequenceClassification reads its last non-pad token.
 _BIDIRECTIONAL = ("bert",)
 _VERSION = 1
 _warned_inferred: set[str] = set()
@@ -176,7 +176,7 @@ def _check_before_eos(mode: str, arch: str | None, pooling: str) -> None:
 
 
 def _pooled_position(arch: str, pooling: str, pad_id: int | None) -> str:
-  if arch in _DECODERS and pooling == "last" and pad_id is not None:
+  if arch and arch not in _BIDIRECTIONAL and pooling == "last" and pad_id is not None:
     return LAST_NON_PAD
   return pooling
 
