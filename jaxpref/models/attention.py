@@ -1,0 +1,315 @@
+"""Causal self-attention of the decoders, per backend: which implementation runs, and what it reads.
+
+`model.attention` names the implementation:
+
+  auto     the fastest exact one for the backend the step is compiled for: `cudnn` on GPU,
+           `splash` on TPU, `blocked` on CPU.
+  blocked  XLA, queries in blocks of `attention_block` rows, upper-triangle blocks skipped and each
+           block rematerialised (`layers.causal_attention`; tuned for the CPU).
+  dense    XLA, one `jax.nn.dot_product_attention` over all of L.
+  cudnn    `jax.nn.dot_product_attention(..., implementation="cudnn")`: cuDNN's fused (flash)
+           attention on NVIDIA GPUs; causal, the rest of the mask (padding, packed segments,
+           shared-prompt branches, sliding windows) given as a bias.
+  splash   the Pallas TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`):
+           causal (or local, for sliding windows) block-sparse mask plus segment ids (padded rows:
+           1 on real tokens; packed rows: their segments). Off TPU it runs in Pallas interpret
+           mode (slow; for tests).
+
+A kernel that cannot express a case falls back to `blocked` for that call, the same way every
+time, with one log line saying why: cuDNN needs bf16/fp16, a head dim that is a multiple of 8 (at
+most 128, 256 on Hopper), an even length and no logit soft-cap; splash cannot express shared
+prompts (branch ids: a response sees its prompt and itself, not the responses between) nor, in
+packed rows, a sliding window (it is measured in indices there, in positions here).
+
+What a query may see travels through the decoder as one `Visibility`: the dense [B, 1, L, L] mask
+for the XLA and cuDNN paths, segment ids for splash; building the mask is skipped where no path
+reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxpref.models import layers
+from jaxpref.models.config import ModelConfig
+
+# What `auto` becomes on each backend (anything else: `blocked`).
+AUTO = {"gpu": "cudnn", "cuda": "cudnn", "rocm": "blocked", "tpu": "splash", "cpu": "blocked"}
+KERNELS = ("cudnn", "splash")
+
+_logged: set[str] = set()
+_mesh_stack: list[jax.sharding.Mesh] = []
+
+
+def _log_once(message: str) -> None:
+  if message not in _logged:
+    _logged.add(message)
+    logging.info("%s", message)
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh: jax.sharding.Mesh | None) -> Iterator[None]:
+  """While tracing under this, kernels run per shard of `mesh` (`jax.shard_map`) and `auto`
+  resolves for its devices' platform (a TPU topology compiled ahead of time on a CPU host)."""
+  if mesh is None:
+    yield
+    return
+  _mesh_stack.append(mesh)
+  try:
+    yield
+  finally:
+    _mesh_stack.pop()
+
+
+def platform() -> str:
+  """The platform the code being traced is compiled for: the kernel mesh's devices, else the
+  default backend."""
+  if _mesh_stack:
+    return _mesh_stack[-1].devices.flat[0].platform
+  return jax.default_backend()
+
+
+def resolve(name: str, backend: str | None = None) -> str:
+  """`auto` -> the implementation for `backend` (default: `platform()`); other names unchanged."""
+  if name != "auto":
+    return name
+  return AUTO.get(backend or platform(), "blocked")
+
+
+def _cudnn_head_dim_limit() -> int:
+  try:
+    major = int(str(jax.devices()[0].compute_capability).split(".")[0])
+  except (AttributeError, ValueError, IndexError, RuntimeError):
+    return 128
+  return 256 if major >= 9 else 128
+
+
+def why_not(cfg: ModelConfig, kernel: str, *, length: int, branches: bool) -> str | None:
+  """Why `kernel` cannot compute this call exactly, or None when it can."""
+  if kernel == "cudnn":
+    if cfg.dtype not in ("bfloat16", "float16"):
+      return f"cuDNN attention needs bfloat16 or float16 (model.dtype={cfg.dtype})"
+    limit = _cudnn_head_dim_limit()
+    if cfg.dim_per_head % 8 or cfg.dim_per_head > limit:
+      return f"cuDNN attention needs a head dim that is a multiple of 8 and <= {limit}"
+    if cfg.attn_logit_softcap:
+      return "cuDNN attention has no logit soft-cap"
+    if length % 2:
+      return f"cuDNN attention with a mask needs an even length (got {length})"
+  if kernel == "splash":
+    if branches:
+      return "splash attention cannot express shared prompts (branch ids)"
+  return None
+
+
+def choose(cfg: ModelConfig, *, length: int, branches: bool, packed: bool) -> str:
+  """The implementation that runs this call: `model.attention` resolved, or `blocked` (logged
+  once) where the kernel cannot express the case."""
+  impl = resolve(cfg.attention)
+  if cfg.attention == "auto":
+    _log_once(f"model.attention=auto: {impl} on {platform()}")
+  reason = why_not(cfg, impl, length=length, branches=branches)
+  if reason is None and impl == "splash" and packed and any(cfg.sliding_layers):
+    reason = "splash attention measures sliding windows in indices, not packed positions"
+  if reason is not None:
+    _log_once(f"model.attention={impl}: falling back to blocked ({reason})")
+    return "blocked"
+  return impl
+
+
+@flax.struct.dataclass
+class Visibility:
+  """What each query may see, in the form that `impl` reads.
+
+  Attributes:
+    mask_b1ll: bool [B, 1, L, L] (XLA and cuDNN paths), or None.
+    segment_ids_bl: int32 [B, L] (splash): a query sees the earlier keys of its segment.
+    sliding: traced bool scalar, or None: per-layer choice between the full and the sliding
+      window (splash on mixed layers; the mask paths select their mask instead).
+    impl: the implementation that runs ("blocked", "dense", "cudnn", "splash").
+    window: splash's sliding window (0: none; with `sliding`, applies where it is true).
+  """
+
+  mask_b1ll: jax.Array | None
+  segment_ids_bl: jax.Array | None
+  sliding: jax.Array | None = None
+  impl: str = flax.struct.field(pytree_node=False, default="blocked")
+  window: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def visibility(
+  cfg: ModelConfig,
+  attention_mask_bl: jax.Array,
+  segment_ids_bl: jax.Array | None,
+  positions_bl: jax.Array | None,
+  branch_ids_bl: jax.Array | None,
+) -> tuple[jax.Array, Visibility, Visibility]:
+  """Positions, and what full-attention and sliding-window layers see, for padded or packed rows."""
+  length = attention_mask_bl.shape[-1]
+  packed = segment_ids_bl is not None
+  impl = choose(cfg, length=length, branches=branch_ids_bl is not None, packed=packed)
+  if impl != "splash":
+    positions_bl, mask_b1ll = layers.decoder_positions_and_mask(
+      attention_mask_bl, segment_ids_bl, positions_bl, branch_ids_bl
+    )
+    full = Visibility(mask_b1ll, None, impl=impl)
+    sliding = full
+    if any(cfg.sliding_layers):
+      sliding_mask = layers.sliding_window_mask(mask_b1ll, positions_bl, cfg.sliding_window)
+      sliding = Visibility(sliding_mask, None, impl=impl)
+    return positions_bl, full, sliding
+  if packed:
+    if positions_bl is None:
+      raise ValueError("packed rows (segment ids) need their positions too")
+  else:
+    positions_bl = layers.positions_from_mask(attention_mask_bl)
+    # Padding is segment 0, real tokens segment 1: a real query never sees a padding key (and a
+    # padding query sees padding only: never read, and never an empty softmax row).
+    segment_ids_bl = (attention_mask_bl > 0).astype(jnp.int32)
+  full = Visibility(None, segment_ids_bl.astype(jnp.int32), impl=impl)
+  return positions_bl, full, full.replace(window=cfg.sliding_window)
+
+
+def select(sliding: jax.Array, full: Visibility, sliding_vis: Visibility) -> Visibility:
+  """One layer's visibility in a scan whose layers mix full and sliding attention."""
+  if full.impl == "splash":
+    return sliding_vis.replace(sliding=sliding)
+  return full.replace(mask_b1ll=jnp.where(sliding, sliding_vis.mask_b1ll, full.mask_b1ll))
+
+
+def attend(
+  cfg: ModelConfig,
+  query_blhd: jax.Array,
+  key_blkd: jax.Array,
+  value_blkd: jax.Array,
+  vis: Visibility,
+) -> jax.Array:
+  """Causal self-attention [B, L, H, D] by `vis.impl` (grouped-query heads allowed)."""
+  if vis.impl == "cudnn":
+    return _cudnn(cfg, query_blhd, key_blkd, value_blkd, vis.mask_b1ll)
+  if vis.impl == "splash":
+    return _splash(cfg, query_blhd, key_blkd, value_blkd, vis)
+  # "auto"/"cudnn"/"splash" configs that fell back run the blocked path; "dense" stays dense.
+  return layers.causal_attention(cfg, query_blhd, key_blkd, value_blkd, vis.mask_b1ll)
+
+
+def _scale(cfg: ModelConfig) -> float:
+  return (cfg.query_pre_attn_scalar or cfg.dim_per_head) ** -0.5
+
+
+def _cudnn(cfg, query_blhd, key_blkd, value_blkd, mask_b1ll):
+  # Causal lets cuDNN skip the blocks above the diagonal; the mask (padding, segments, branches,
+  # sliding windows) becomes an additive bias that cuDNN reads block by block.
+  return jax.nn.dot_product_attention(
+    query_blhd,
+    key_blkd,
+    value_blkd,
+    mask=mask_b1ll,
+    scale=_scale(cfg),
+    is_causal=True,
+    implementation="cudnn",
+  )
+
+
+def _block(length: int) -> int:
+  return next(b for b in (512, 256, 128) if length % b == 0)
+
+
+def _splash_kernel(length: int, groups: int, window: int, softcap: float, interpret: bool):
+  """One kv head's splash kernel over its `groups` query heads (multi-query form).
+
+  Made anew at each trace (not cached): the kernel holds its block mask as arrays, which would
+  leak from one trace into the next.
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+  if window:
+    head_mask = sa.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+  else:
+    head_mask = sa.CausalMask((length, length))
+  block = _block(length)
+  sizes = sa.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  return sa.make_splash_mqa(
+    sa.MultiHeadMask([head_mask] * groups),
+    block_sizes=sizes,
+    head_shards=1,
+    q_seq_shards=1,
+    attn_logits_soft_cap=softcap or None,
+    interpret=interpret,
+  )
+
+
+def _splash_local(cfg, window, interpret, query_blhd, key_blkd, value_blkd, segment_bl, sliding):
+  """Splash on this device's rows: [b, L, H, D] -> [b, L, H, D]."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+  b, length, h, d = query_blhd.shape
+  kv = key_blkd.shape[2]
+  # Lengths padded to whole 128-lane blocks; the padding is its own segment (-1), seen by no
+  # real query (and after every real key, so causally hidden too).
+  padded = -(-length // 128) * 128
+  pad = padded - length
+  query_bkgld = (query_blhd * jnp.asarray(_scale(cfg), query_blhd.dtype)).reshape(
+    b, length, kv, h // kv, d
+  )
+  query_bkgld = jnp.pad(query_bkgld.transpose(0, 2, 3, 1, 4), ((0, 0),) * 3 + ((0, pad), (0, 0)))
+  key_bkld = jnp.pad(key_blkd.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
+  value_bkld = jnp.pad(value_blkd.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
+  segment_bl = jnp.pad(segment_bl, ((0, 0), (0, pad)), constant_values=-1)
+
+  def run(win: int) -> jax.Array:
+    kernel = _splash_kernel(padded, h // kv, win, float(cfg.attn_logit_softcap), interpret)
+    per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over kv heads
+    per_row = jax.vmap(lambda q, k, v, s: per_head(q, k, v, sa.SegmentIds(s, s)))
+    return per_row(query_bkgld, key_bkld, value_bkld, segment_bl)
+
+  if not window:
+    out_bkgld = run(0)
+  elif sliding is None:
+    out_bkgld = run(window)
+  else:
+    out_bkgld = jax.lax.cond(sliding, lambda: run(window), lambda: run(0))
+  out_bkgld = out_bkgld[:, :, :, :length]
+  return out_bkgld.transpose(0, 3, 1, 2, 4).reshape(b, length, h, d)
+
+
+def _splash(cfg, query_blhd, key_blkd, value_blkd, vis: Visibility):
+  interpret = platform() != "tpu"
+  run = functools.partial(_splash_local, cfg, vis.window, interpret)
+  args = (query_blhd, key_blkd, value_blkd, vis.segment_ids_bl, vis.sliding)
+  if not _mesh_stack or _mesh_stack[-1].size == 1:
+    return run(*args)
+  # A Pallas kernel is opaque to XLA's partitioner: run it per shard, rows split like the batch
+  # and heads like the `tensor` axis (where they divide), so no device gathers another's rows.
+  mesh = _mesh_stack[-1]
+  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+  rows = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
+  batch = batch_axes if batch_axes and query_blhd.shape[0] % rows == 0 else None
+  tensor = mesh.shape.get("tensor", 1)
+  heads = "tensor" if tensor > 1 and key_blkd.shape[2] % tensor == 0 else None
+  P = jax.sharding.PartitionSpec
+  qkv_spec = P(batch, None, heads, None)
+  return jax.shard_map(
+    run,
+    mesh=mesh,
+    in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, None), None if vis.sliding is None else P()),
+    out_specs=qkv_spec,
+    check_vma=False,
+  )(*args)

@@ -1,0 +1,213 @@
+"""Attention per backend (`model.attention`): what `auto` picks, the splash kernel (Pallas interpret
+mode on CPU) against the blocked XLA path, the fall-backs, and the cuDNN call's arguments.
+
+cuDNN cannot run here: its test checks what would be called (implementation, causal flag, mask)
+and computes that call with XLA instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpref.data import packing
+from jaxpref.models import attention
+from jaxpref.models import reward_model as rm
+from jaxpref.models.config import ModelConfig
+
+# L = 128: one splash block. GQA (4 query heads on 2 kv heads); a large init range makes
+# attention peaked, so masking bugs change the outputs.
+TINY = dict(
+  arch="llama",
+  vocab_size=97,
+  hidden_size=32,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  intermediate_size=48,
+  hidden_act="silu",
+  max_position_embeddings=256,
+  initializer_range=0.2,
+)
+LENGTH = 128
+
+
+@pytest.mark.parametrize(
+  ("backend", "want"), [("cpu", "blocked"), ("gpu", "cudnn"), ("cuda", "cudnn"), ("tpu", "splash")]
+)
+def test_auto_resolves_per_backend(monkeypatch, backend, want):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert attention.resolve("auto") == want
+  assert attention.platform() == backend
+  for name in ("blocked", "dense", "cudnn", "splash"):
+    assert attention.resolve(name) == name
+
+
+def test_auto_resolves_for_the_kernel_mesh_platform():
+  # An AOT compile for a TPU topology traces on a CPU host: the mesh's devices decide.
+  class FakeTpu:
+    platform = "tpu"
+
+  class FakeMesh:
+    devices = np.array([FakeTpu()])
+
+  with attention.kernel_mesh(FakeMesh()):
+    assert attention.resolve("auto") == "splash"
+  assert attention.resolve("auto", "cpu") == "blocked"
+
+
+def test_bad_attention_is_one_line():
+  from jaxpref.training import config as train_config
+
+  config = train_config.base_config()
+  config.model.attention = "flash"
+  with pytest.raises(train_config.ConfigError, match="model.attention") as err:
+    train_config.validate(config)
+  assert "\n" not in str(err.value) and "splash" in str(err.value)
+  assert config.model.attention != ModelConfig().attention == "auto"
+
+
+@pytest.mark.parametrize(
+  ("changes", "kernel", "branches", "packed", "why"),
+  [
+    ({"dtype": "float32"}, "cudnn", False, False, "bfloat16"),
+    ({"attn_logit_softcap": 50.0}, "cudnn", False, False, "soft-cap"),
+    ({"head_dim": 12}, "cudnn", False, False, "head dim"),
+    ({}, "splash", True, True, "shared prompts"),
+    ({"sliding_window": 8}, "splash", False, True, "sliding"),
+  ],
+)
+def test_kernels_fall_back_to_blocked(monkeypatch, changes, kernel, branches, packed, why):
+  cfg = ModelConfig(**TINY, dtype="bfloat16", attention=kernel).replace(**changes)
+  monkeypatch.setattr(attention, "_logged", set())
+  logged = []
+  monkeypatch.setattr(attention.logging, "info", lambda fmt, msg: logged.append(msg))
+  for _ in range(2):  # logged once
+    assert attention.choose(cfg, length=LENGTH, branches=branches, packed=packed) == "blocked"
+  assert len(logged) == 1 and why in logged[0] and "falling back to blocked" in logged[0]
+  fine = ModelConfig(**TINY, dtype="bfloat16", attention=kernel)
+  assert attention.choose(fine, length=LENGTH, branches=False, packed=packed) == kernel
+
+
+def _rows(seed: int = 0):
+  """Rows of different lengths, padded right (rows 0, 1) and left (rows 2, 3)."""
+  rng = np.random.default_rng(seed)
+  lengths = [LENGTH, 70, 33, 101]
+  ids = rng.integers(1, TINY["vocab_size"], (4, LENGTH))
+  mask = (np.arange(LENGTH)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+  mask[2:] = mask[2:, ::-1]
+  return jnp.asarray(np.where(mask > 0, ids, 0), jnp.int32), jnp.asarray(mask)
+
+
+def _loss_and_grads(cfg, params, ids, mask, packed=None):
+  def loss(p):
+    rewards = rm.apply(cfg, p, ids, mask, packed=packed)["rewards"]
+    return jnp.sum(rewards * jnp.arange(1.0, rewards.shape[0] + 1)), rewards
+
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+def _assert_same(got, want, atol=2e-5):
+  (got_value, got_rewards), got_grads = got
+  (want_value, want_rewards), want_grads = want
+  np.testing.assert_allclose(got_rewards, want_rewards, atol=atol, rtol=1e-4)
+  assert float(got_value) == pytest.approx(float(want_value), abs=10 * atol)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_allclose(g, w, atol=atol, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def llama():
+  cfg = ModelConfig(**TINY)
+  return cfg, jax.jit(functools.partial(rm.init_params, cfg))(jax.random.key(0))
+
+
+def test_splash_equals_blocked_on_padded_rows(llama):
+  cfg, params = llama
+  ids, mask = _rows()
+  want = _loss_and_grads(cfg.replace(attention="blocked", attention_block=32), params, ids, mask)
+  got = _loss_and_grads(cfg.replace(attention="splash"), params, ids, mask)
+  _assert_same(got, want)
+
+
+def test_splash_equals_blocked_on_packed_rows(llama):
+  cfg, params = llama
+  rng = np.random.default_rng(1)
+  lengths = np.array([[40, 25], [30, 0], [50, 17]])  # an empty (padding) response too
+  ids = rng.integers(1, TINY["vocab_size"], (3, 2, 64))
+  att = (np.arange(64)[None, None] < lengths[..., None]).astype(np.int32)
+  batch = {
+    "input_ids": np.where(att > 0, ids, 0).astype(np.int32),
+    "attention_mask": att,
+    "scores": np.array([[1.0, 0.0], [1.0, -1.0], [0.0, 1.0]], np.float32),
+    "task_ids": np.zeros(3, np.int32),
+  }
+  rows = packing.pack_batch(batch, row_length=LENGTH)
+  assert rows.input_ids.shape[0] < 6  # several responses share a row
+  packed = {
+    "segment_ids": jnp.asarray(rows.segment_ids),
+    "positions": jnp.asarray(rows.positions),
+    "last_index": jnp.asarray(rows.last_index),
+  }
+  ids_rl, mask_rl = (
+    jnp.asarray(rows.input_ids),
+    jnp.asarray((rows.segment_ids > 0).astype(np.int32)),
+  )
+  want = _loss_and_grads(cfg.replace(attention="blocked"), params, ids_rl, mask_rl, packed)
+  got = _loss_and_grads(cfg.replace(attention="splash"), params, ids_rl, mask_rl, packed)
+  real = lengths.ravel() > 0
+  np.testing.assert_allclose(np.asarray(got[0][1])[real], np.asarray(want[0][1])[real], atol=2e-5)
+  _assert_same(got, want)
+
+
+def test_splash_gemma2_softcap_and_mixed_sliding_layers():
+  """Gemma-2 shape: logit soft-cap (splash applies it) and sliding / full layers alternating
+  (a per-layer choice between the local and the causal kernel)."""
+  cfg = ModelConfig(
+    **(TINY | {"arch": "gemma2", "hidden_act": "gelu_pytorch_tanh", "num_layers": 2}),
+    sliding_window=24,
+    layer_types=("sliding_attention", "full_attention"),
+    attn_logit_softcap=2.0,
+    query_pre_attn_scalar=16.0,
+  )
+  params = jax.jit(functools.partial(rm.init_params, cfg))(jax.random.key(2))
+  ids, mask = _rows(seed=3)
+  apply = jax.jit(rm.apply, static_argnums=0)
+  want = apply(cfg.replace(attention="dense"), params, ids, mask)["rewards"]
+  got = apply(cfg.replace(attention="splash"), params, ids, mask)["rewards"]
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+  # The window matters at this length: without it the rewards differ.
+  unwindowed = apply(cfg.replace(attention="dense", sliding_window=0), params, ids, mask)
+  assert np.abs(np.asarray(unwindowed["rewards"]) - np.asarray(want)).max() > 1e-3
+
+
+def test_cudnn_call_arguments(monkeypatch, llama):
+  """On a GPU backend, bf16: one cuDNN call per layer with the causal flag and the mask as a
+  bias (computed here by XLA, so the rewards can be compared with the blocked path)."""
+  cfg, params = llama
+  cfg = cfg.replace(dtype="bfloat16")
+  calls = []
+  xla = jax.nn.dot_product_attention
+
+  def fake(query, key, value, *, mask, scale, is_causal=False, implementation=None):
+    if implementation == "cudnn":
+      calls.append((query.shape, key.shape, mask.shape, mask.dtype, scale, is_causal))
+    return xla(query, key, value, mask=mask, scale=scale, implementation="xla")
+
+  monkeypatch.setattr(attention.jax.nn, "dot_product_attention", fake)
+  monkeypatch.setattr(attention, "platform", lambda: "gpu")
+  ids, mask = _rows()
+  got = rm.apply(cfg, params, ids, mask)["rewards"]  # auto -> cudnn
+  b, h, kv, d = 4, 4, 2, 8
+  want_call = ((b, LENGTH, h, d), (b, LENGTH, kv, d), (b, 1, LENGTH, LENGTH), jnp.bool_)
+  assert calls and all(c[:4] == want_call for c in calls)
+  assert all(c[4] == pytest.approx(d**-0.5) and c[5] is True for c in calls)
+  monkeypatch.setattr(attention, "platform", lambda: "cpu")
+  calls.clear()
+  want = rm.apply(cfg, params, ids, mask)["rewards"]  # auto -> blocked
+  assert not calls
+  np.testing.assert_allclose(got, want, atol=0.05)
