@@ -295,6 +295,8 @@ def _splash(cfg, query_blhd, key_blkd, value_blkd, vis: Visibility):
   run = functools.partial(_splash_local, cfg, vis.window, interpret)
   args = (query_blhd, key_blkd, value_blkd, vis.segment_ids_bl, vis.sliding)
   if not _mesh_stack or _mesh_stack[-1].size == 1:
+    if not _mesh_stack and jax.device_count() > 1:
+      _log_once("splash attention traced without a kernel mesh: XLA may gather its rows")
     return run(*args)
   # A Pallas kernel is opaque to XLA's partitioner: run it per shard, rows split like the batch
   # and heads like the `tensor` axis (where they divide), so no device gathers another's rows.
