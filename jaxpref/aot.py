@@ -18,10 +18,12 @@ Shapes come from `model.preset` when set (no checkpoint needed), else from the `
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +95,7 @@ class Plan:
   roofline_step_s: float | None = None
   bound: str | None = None
   mfu_at_roofline: float | None = None
+  custom_calls: list[str] = dataclasses.field(default_factory=list)  # kernels in the program
   note: str = ""
 
   def to_dict(self) -> dict[str, Any]:
@@ -326,6 +329,7 @@ def plan(config, devices, target: str, chip_name: str = "") -> Plan:
     roofline_step_s=None if roof is None else roof.step_s,
     bound=None if roof is None else roof.bound,
     mfu_at_roofline=None if roof is None else roof.mfu_at_roofline,
+    custom_calls=sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))),
     note="; ".join(notes),
   )
 
@@ -362,6 +366,7 @@ def markdown(p: Plan) -> str:
     ("XLA alias (donated) / device", _gib(p.alias_bytes)),
     ("XLA temp / device", _gib(p.temp_bytes)),
     ("attention", p.attention),
+    ("custom calls", ", ".join(p.custom_calls) or "none"),
     ("XLA FLOPs / device", _num(p.xla_flops, "FLOP")),
     ("model FLOPs / device", _num(p.model_flops, "FLOP")),
     ("XLA / model FLOPs", "n/a" if p.xla_to_model_flops is None else f"{p.xla_to_model_flops:.2f}"),
@@ -411,7 +416,15 @@ def main(argv) -> None:
     target = f"cpu x{len(devices)} (stand-in for {FLAGS.topology})"
   # The CPU stand-in's roofline uses the chip the topology names.
   chip = FLAGS.chip or ("" if use_tpu else FLAGS.topology)
-  result = plan(FLAGS.config, devices, target, chip)
+  try:
+    result = plan(FLAGS.config, devices, target, chip)
+  except Exception as e:  # noqa: BLE001 - XLA's out-of-memory is a JaxRuntimeError
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The answer to "will it fit?" is no: one line with XLA's numbers, not a traceback.
+    detail = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+    print(f"jaxpref.aot: error: the step does not fit on {target}: {detail}", file=sys.stderr)
+    sys.exit(2)
   print(markdown(result))
   text = json.dumps(result.to_dict(), indent=2)
   print(text)

@@ -110,17 +110,19 @@ def why_not(cfg: ModelConfig, kernel: str, *, length: int, branches: bool) -> st
   return None
 
 
-def choose(cfg: ModelConfig, *, length: int, branches: bool, packed: bool) -> str:
+def choose(cfg: ModelConfig, *, length: int, branches: bool, packed: bool, log: bool = True) -> str:
   """The implementation that runs this call: `model.attention` resolved, or `blocked` (logged
-  once) where the kernel cannot express the case."""
+  once; `log=False` for traces that compute nothing, such as parameter initialisation) where
+  the kernel cannot express the case."""
   impl = resolve(cfg.attention)
-  if cfg.attention == "auto":
+  if cfg.attention == "auto" and log:
     _log_once(f"model.attention=auto: {impl} on {platform()}")
   reason = why_not(cfg, impl, length=length, branches=branches)
   if reason is None and impl == "splash" and packed and any(cfg.sliding_layers):
     reason = "splash attention measures sliding windows in indices, not packed positions"
   if reason is not None:
-    _log_once(f"model.attention={impl}: falling back to blocked ({reason})")
+    if log:
+      _log_once(f"model.attention={impl}: falling back to blocked ({reason})")
     return "blocked"
   return impl
 
@@ -151,11 +153,14 @@ def visibility(
   segment_ids_bl: jax.Array | None,
   positions_bl: jax.Array | None,
   branch_ids_bl: jax.Array | None,
+  *,
+  log: bool = True,
 ) -> tuple[jax.Array, Visibility, Visibility]:
   """Positions, and what full-attention and sliding-window layers see, for padded or packed rows."""
   length = attention_mask_bl.shape[-1]
   packed = segment_ids_bl is not None
-  impl = choose(cfg, length=length, branches=branch_ids_bl is not None, packed=packed)
+  branches = branch_ids_bl is not None
+  impl = choose(cfg, length=length, branches=branches, packed=packed, log=log)
   if impl != "splash":
     positions_bl, mask_b1ll = layers.decoder_positions_and_mask(
       attention_mask_bl, segment_ids_bl, positions_bl, branch_ids_bl

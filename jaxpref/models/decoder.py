@@ -252,7 +252,12 @@ class Decoder(nn.Module):
       embedded_bld = embedded_bld * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.jnp_dtype)
     # Masks or segment ids, as the attention implementation for this backend and case reads them.
     positions_bl, vis, sliding_vis = attention.visibility(
-      cfg, attention_mask_bl, segment_ids_bl, positions_bl, branch_ids_bl
+      cfg,
+      attention_mask_bl,
+      segment_ids_bl,
+      positions_bl,
+      branch_ids_bl,
+      log=not self.is_initializing(),
     )
     cos_blr, sin_blr = rope.rotary_angles(cfg, positions_bl)
     sliding_n = cfg.sliding_layers
