@@ -21,6 +21,7 @@ device's dense bf16 peak from `flops.PEAK_FLOPS`), per side, and their ratio.
 
   # One H100/H200 (80 GB is enough for bf16 weights and AdamW moments of an 8B model):
   python benchmarks/device_throughput.py --preset=llama-3-8b --json /tmp/device_throughput.json
+  # A TPU VM (all its chips on the fsdp axis; no PyTorch side): see docs/launch.md.
   # CPU smoke run (tiny Llama, both sides on the CPU):
   python benchmarks/device_throughput.py --smoke --json /tmp/device_smoke.json
 """
@@ -114,7 +115,9 @@ def run_jax(args, batches) -> dict:
   config.train.grad_clip = GRAD_CLIP
   config.data.max_length = args.max_length
   config.data.packing = True
-  mesh = sharding.make_mesh(-1, 1, 1)
+  # Every local device on the fsdp axis (one GPU: a mesh of one; a TPU VM: weights and moments
+  # sharded over its chips).
+  mesh = sharding.make_mesh(1, -1, 1)
   total = len(batches)
   program = train_step_lib.build_from_config(config, cfg, num_tasks=2, total_steps=total, mesh=mesh)
   t0 = time.perf_counter()
@@ -155,6 +158,7 @@ def run_jax(args, batches) -> dict:
     "attention": attention.choose(cfg, length=args.max_length, branches=False, packed=True),
     "model_flops": flops.train_flops(cfg, lengths),
     "device_kind": device.device_kind,
+    "num_devices": jax.device_count(),
     "platform": device.platform,
     "num_params": sum(int(x.size) for x in jax.tree.leaves(state.params)),
   }
@@ -286,13 +290,15 @@ def main(argv: list[str] | None = None) -> dict:
   timed = batches[args.warmup :]
   real_tokens = sum(int(b["attention_mask"].sum()) for b in timed)
   model_flops, peak = jax_side["model_flops"], flops.peak_flops(jax_side["device_kind"])
+  peak = peak * jax_side["num_devices"] if peak else None  # the PyTorch side runs on one GPU
   sides = {"jaxpref": summarise(jax_side, real_tokens, model_flops, peak)}
   # The baseline on CUDA; --smoke runs it on the CPU so that its code path is exercised.
   device = "cpu" if args.smoke else torch_device()
   torch_note = "skipped (--no_torch)" if args.no_torch else "no torch with CUDA here"
   if device is not None and not args.no_torch:
     torch_side = run_torch(args, batches, device)
-    sides["PyTorch"] = summarise(torch_side, real_tokens, model_flops, peak)
+    one_device = peak / jax_side["num_devices"] if peak else None
+    sides["PyTorch"] = summarise(torch_side, real_tokens, model_flops, one_device)
     torch_note = f"transformers on {torch_side['device']}"
   result = {
     "benchmark": "device_throughput",
@@ -307,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     "real_tokens": real_tokens,
     "model_flops": model_flops,
     "device_kind": jax_side["device_kind"],
+    "num_devices": jax_side["num_devices"],
     "peak_flops": peak,
     "jax_init_s": round(jax_side["init_s"], 2),
     "jax_compile_s": round(jax_side["compile_s"], 2),
@@ -319,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
       sides["jaxpref"]["real_tokens_per_s"] / sides["PyTorch"]["real_tokens_per_s"], 3
     )
   print(
-    f"{result['model']} ({result['num_params'] / 1e6:,.1f}M params) on {result['device_kind']}, "
+    f"{result['model']} ({result['num_params'] / 1e6:,.1f}M params) on "
+    f"{result['num_devices']} x {result['device_kind']}, "
     f"attention {result['attention']}, {source} batches of {args.batch_size} pairs, "
     f"packed {jax_side['rows'][0]} x {jax_side['rows'][1]}; PyTorch: {torch_note}"
   )
