@@ -77,7 +77,6 @@ def test_bad_attention_is_one_line():
     ({"dtype": "float32"}, "cudnn", False, False, "bfloat16"),
     ({"attn_logit_softcap": 50.0}, "cudnn", False, False, "soft-cap"),
     ({"head_dim": 12}, "cudnn", False, False, "head dim"),
-    ({}, "splash", True, True, "shared prompts"),
     ({"sliding_window": 8}, "splash", False, True, "sliding"),
   ],
 )
@@ -162,6 +161,52 @@ def test_splash_equals_blocked_on_packed_rows(llama):
   real = lengths.ravel() > 0
   np.testing.assert_allclose(np.asarray(got[0][1])[real], np.asarray(want[0][1])[real], atol=2e-5)
   _assert_same(got, want)
+
+
+def _shared_prompt_rows():
+  """Two packed rows by hand: row 0 holds an item (prompt of 30, responses of 20 and 25) and an
+  unshared response of 40; row 1 an item with three responses (prompt 50; 10, 30, 5)."""
+  segments, branches, positions = np.zeros((3, 2, LENGTH), np.int32)
+  last = []
+
+  def lay(row, start, segment, prompt, responses):
+    segments[row, start : start + prompt] = segment
+    positions[row, start : start + prompt] = np.arange(prompt)
+    start += prompt
+    for k, n in enumerate(responses, start=1):
+      segments[row, start : start + n] = segment
+      branches[row, start : start + n] = k
+      positions[row, start : start + n] = prompt + np.arange(n)
+      start += n
+      last.append(row * LENGTH + start - 1)
+    return start
+
+  end = lay(0, 0, 1, 30, [20, 25])
+  lay(0, end, 2, 0, [40])
+  lay(1, 0, 1, 50, [10, 30, 5])
+  ids = np.random.default_rng(4).integers(1, TINY["vocab_size"], (2, LENGTH)) * (segments > 0)
+  packed = {
+    "segment_ids": jnp.asarray(segments),
+    "branch_ids": jnp.asarray(branches),
+    "positions": jnp.asarray(positions),
+    "last_index": jnp.asarray(last, jnp.int32),
+  }
+  return jnp.asarray(ids, jnp.int32), jnp.asarray((segments > 0).astype(np.int32)), packed
+
+
+def test_splash_shared_prompts_equal_blocked(llama):
+  """Shared prompts: two splash calls (prompt keys; own-response keys) combined by log-sum-exp,
+  with splash's backward kernel run on the combined residuals: values and gradients exact."""
+  cfg, params = llama
+  ids, mask, packed = _shared_prompt_rows()
+  want = _loss_and_grads(cfg.replace(attention="blocked"), params, ids, mask, packed)
+  got = _loss_and_grads(cfg.replace(attention="splash"), params, ids, mask, packed)
+  _assert_same(got, want)
+  # Each response scored alone (its prompt + itself, padded) gives the same reward.
+  prompt, response = np.asarray(ids[1, :50]), np.asarray(ids[1, 60:90])
+  alone = jnp.asarray(np.concatenate([prompt, response])[None], jnp.int32)
+  reward = rm.apply(cfg.replace(attention="splash"), params, alone, jnp.ones_like(alone))
+  np.testing.assert_allclose(reward["rewards"][0], got[0][1][4], atol=2e-5)
 
 
 def test_splash_gemma2_softcap_and_mixed_sliding_layers():

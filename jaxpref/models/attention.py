@@ -29,6 +29,7 @@ reads it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator
 
@@ -104,9 +105,6 @@ def why_not(cfg: ModelConfig, kernel: str, *, length: int, branches: bool) -> st
       return "cuDNN attention has no logit soft-cap"
     if length % 2:
       return f"cuDNN attention with a mask needs an even length (got {length})"
-  if kernel == "splash":
-    if branches:
-      return "splash attention cannot express shared prompts (branch ids)"
   return None
 
 
@@ -136,6 +134,7 @@ class Visibility:
     segment_ids_bl: int32 [B, L] (splash): a query sees the earlier keys of its segment.
     sliding: traced bool scalar, or None: per-layer choice between the full and the sliding
       window (splash on mixed layers; the mask paths select their mask instead).
+    branch_ids_bl: int32 [B, L] (splash, shared prompts): see `_splash_cascade`.
     impl: the implementation that runs ("blocked", "dense", "cudnn", "splash").
     window: splash's sliding window (0: none; with `sliding`, applies where it is true).
   """
@@ -143,6 +142,7 @@ class Visibility:
   mask_b1ll: jax.Array | None
   segment_ids_bl: jax.Array | None
   sliding: jax.Array | None = None
+  branch_ids_bl: jax.Array | None = None
   impl: str = flax.struct.field(pytree_node=False, default="blocked")
   window: int = flax.struct.field(pytree_node=False, default=0)
 
@@ -179,7 +179,8 @@ def visibility(
     # Padding is segment 0, real tokens segment 1: a real query never sees a padding key (and a
     # padding query sees padding only: never read, and never an empty softmax row).
     segment_ids_bl = (attention_mask_bl > 0).astype(jnp.int32)
-  full = Visibility(None, segment_ids_bl.astype(jnp.int32), impl=impl)
+  branch_ids_bl = None if branch_ids_bl is None else branch_ids_bl.astype(jnp.int32)
+  full = Visibility(None, segment_ids_bl.astype(jnp.int32), branch_ids_bl=branch_ids_bl, impl=impl)
   return positions_bl, full, full.replace(window=cfg.sliding_window)
 
 
@@ -261,7 +262,9 @@ def _splash_kernel(length: int, groups: int, window: int, softcap: float, interp
   )
 
 
-def _splash_local(cfg, window, interpret, query_blhd, key_blkd, value_blkd, segment_bl, sliding):
+def _splash_local(
+  cfg, window, interpret, query_blhd, key_blkd, value_blkd, segment_bl, sliding, branch_bl
+):
   """Splash on this device's rows: [b, L, H, D] -> [b, L, H, D]."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -281,6 +284,9 @@ def _splash_local(cfg, window, interpret, query_blhd, key_blkd, value_blkd, segm
 
   def run(win: int) -> jax.Array:
     kernel = _splash_kernel(padded, h // kv, win, float(cfg.attn_logit_softcap), interpret)
+    if branch_bl is not None:
+      branches = jnp.pad(branch_bl, ((0, 0), (0, pad)))
+      return _splash_cascade(kernel, query_bkgld, key_bkld, value_bkld, segment_bl, branches)
     per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over kv heads
     per_row = jax.vmap(lambda q, k, v, s: per_head(q, k, v, sa.SegmentIds(s, s)))
     return per_row(query_bkgld, key_bkld, value_bkld, segment_bl)
@@ -295,10 +301,135 @@ def _splash_local(cfg, window, interpret, query_blhd, key_blkd, value_blkd, segm
   return out_bkgld.transpose(0, 3, 1, 2, 4).reshape(b, length, h, d)
 
 
+def _cascade_segments(segment_bl: jax.Array, branch_bl: jax.Array):
+  """Segment ids of the two halves of a shared-prompt attention (`_splash_cascade`).
+
+  A: queries by segment, keys only on prompts (branch 0); B: queries and keys by (segment,
+  branch >= 1). A query sees in A its segment's prompt, in B its own response: together what
+  `layers.causal_segment_mask` allows. Prompt queries have no key in B, responses without a
+  prompt none in A: such rows come out with a log-sum-exp near the mask value, weight 0 below.
+  Unused slots (0) and the 128-block tail (-1) see themselves in A, so no row is empty in both.
+  """
+  real, length = segment_bl > 0, segment_bl.shape[-1]
+  response = real & (branch_bl > 0)
+  q_a = jnp.where(real, segment_bl, jnp.where(segment_bl == 0, 0, -2))
+  kv_a = jnp.where(response, -1, q_a)  # -1: never a query's id
+  own_b = segment_bl * (length + 1) + branch_bl
+  return (q_a, kv_a), (jnp.where(response, own_b, -3), jnp.where(response, own_b, -4))
+
+
+def _splash_cascade(kernel, query_bkgld, key_bkld, value_bkld, segment_bl, branch_bl):
+  """Shared-prompt attention as two splash calls combined by their log-sum-exp (Hydragen /
+  cascade style): each response sees its prompt (call A) and itself (call B), exactly.
+
+  The backward pass runs splash's own backward kernel for each call with the *combined* output
+  and log-sum-exp as residuals, which gives each call's share of the exact gradient (the
+  probabilities exp(s - lse) and D = rowsum(dO * O) are the combined ones); the two shares add.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+  (q_a, kv_a), (q_b, kv_b) = _cascade_segments(segment_bl, branch_bl)
+  static = _CascadeStatic.of(kernel)
+  infos = (kernel.fwd_mask_info, kernel.dq_mask_info, kernel.dkv_mask_info)
+  per_head = jax.vmap(_cascade, in_axes=(None, None, 0, 0, 0, None, None))  # over kv heads
+  per_row = jax.vmap(
+    lambda q, k, v, qa, ka, qb, kb: per_head(
+      static, infos, q, k, v, SegmentIds(qa, ka), SegmentIds(qb, kb)
+    ),
+  )
+  return per_row(query_bkgld, key_bkld, value_bkld, q_a, kv_a, q_b, kv_b)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CascadeStatic:
+  """The splash kernel's static settings (hashable: a custom_vjp non-differentiable argument)."""
+
+  block_sizes: object
+  mask_function: object
+  softcap: float | None
+  interpret: bool
+  mask_value: float
+
+  @classmethod
+  def of(cls, kernel) -> _CascadeStatic:
+    kw = kernel.kwargs
+    return cls(
+      kw["block_sizes"],
+      kw["mask_function"],
+      kw["attn_logits_soft_cap"],
+      kw["interpret"],
+      kw["mask_value"],
+    )
+
+
+def _cascade_half(static: _CascadeStatic, fwd_info, q, k, v, segment_ids):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+  out, (lse,) = sk._splash_attention_forward(
+    fwd_info,
+    q,
+    k,
+    v,
+    segment_ids,
+    None,
+    mask_value=static.mask_value,
+    is_mqa=True,
+    block_sizes=static.block_sizes,
+    residual_checkpoint_name=None,
+    save_residuals=True,
+    mask_function=static.mask_function,
+    attn_logits_soft_cap=static.softcap,
+    interpret=static.interpret,
+  )
+  return out.astype(jnp.float32), lse.astype(jnp.float32)
+
+
+def _cascade_fwd(static, infos, q, k, v, seg_a, seg_b):
+  out_a, lse_a = _cascade_half(static, infos[0], q, k, v, seg_a)
+  out_b, lse_b = _cascade_half(static, infos[0], q, k, v, seg_b)
+  lse = jnp.logaddexp(lse_a, lse_b)
+  out = jnp.exp(lse_a - lse)[..., None] * out_a + jnp.exp(lse_b - lse)[..., None] * out_b
+  out = out.astype(q.dtype)
+  return out, (infos, q, k, v, seg_a, seg_b, out, lse)
+
+
+def _cascade_bwd(static, residuals, d_out):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+  infos, q, k, v, seg_a, seg_b, out, lse = residuals
+  grads = []
+  for segment_ids in (seg_a, seg_b):
+    res = (q, k, v, segment_ids, None, out, lse, infos[1], infos[2])
+    grads.append(
+      sk._splash_attention_bwd(
+        False,
+        static.mask_value,
+        True,
+        static.block_sizes,
+        None,
+        static.mask_function,
+        static.softcap,
+        static.interpret,
+        res,
+        d_out,
+      )[3:6]
+    )
+  (dq_a, dk_a, dv_a), (dq_b, dk_b, dv_b) = grads
+  return None, dq_a + dq_b, dk_a + dk_b, dv_a + dv_b, None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cascade(static, infos, q, k, v, seg_a, seg_b):
+  return _cascade_fwd(static, infos, q, k, v, seg_a, seg_b)[0]
+
+
+_cascade.defvjp(_cascade_fwd, _cascade_bwd)
+
+
 def _splash(cfg, query_blhd, key_blkd, value_blkd, vis: Visibility):
   interpret = platform() != "tpu"
   run = functools.partial(_splash_local, cfg, vis.window, interpret)
-  args = (query_blhd, key_blkd, value_blkd, vis.segment_ids_bl, vis.sliding)
+  args = (query_blhd, key_blkd, value_blkd, vis.segment_ids_bl, vis.sliding, vis.branch_ids_bl)
   if not _mesh_stack or _mesh_stack[-1].size == 1:
     if not _mesh_stack and jax.device_count() > 1:
       _log_once("splash attention traced without a kernel mesh: XLA may gather its rows")
@@ -316,7 +447,14 @@ def _splash(cfg, query_blhd, key_blkd, value_blkd, vis: Visibility):
   return jax.shard_map(
     run,
     mesh=mesh,
-    in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, None), None if vis.sliding is None else P()),
+    in_specs=(
+      qkv_spec,
+      qkv_spec,
+      qkv_spec,
+      P(batch, None),
+      None if vis.sliding is None else P(),
+      None if vis.branch_ids_bl is None else P(batch, None),
+    ),
     out_specs=qkv_spec,
     check_vma=False,
   )(*args)
