@@ -12,14 +12,14 @@
            shared-prompt branches, sliding windows) given as a bias.
   splash   the Pallas TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`):
            causal (or local, for sliding windows) block-sparse mask plus segment ids (padded rows:
-           1 on real tokens; packed rows: their segments). Off TPU it runs in Pallas interpret
-           mode (slow; for tests).
+           1 on real tokens; packed rows: their segments); shared prompts as two splash calls
+           combined by their log-sum-exp (`_splash_cascade`). Off TPU it runs in Pallas
+           interpret mode (slow; for tests).
 
 A kernel that cannot express a case falls back to `blocked` for that call, the same way every
 time, with one log line saying why: cuDNN needs bf16/fp16, a head dim that is a multiple of 8 (at
-most 128, 256 on Hopper), an even length and no logit soft-cap; splash cannot express shared
-prompts (branch ids: a response sees its prompt and itself, not the responses between) nor, in
-packed rows, a sliding window (it is measured in indices there, in positions here).
+most 128, 256 on Hopper), an even length and no logit soft-cap; splash cannot express a sliding
+window in packed rows (it measures windows in indices, jaxpref in positions).
 
 What a query may see travels through the decoder as one `Visibility`: the dense [B, 1, L, L] mask
 for the XLA and cuDNN paths, segment ids for splash; building the mask is skipped where no path
