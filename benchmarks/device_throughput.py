@@ -19,8 +19,10 @@ Printed and written (`--json`): step time, real (non-pad) tokens/s and MFU count
 only (`jaxpref.training.flops`: 6 N per token plus causal attention over each response; the
 device's dense bf16 peak from `flops.PEAK_FLOPS`), per side, and their ratio.
 
-  # One H100/H200 (80 GB is enough for bf16 weights and AdamW moments of an 8B model):
-  python benchmarks/device_throughput.py --preset=llama-3-8b --json /tmp/device_throughput.json
+  # One H200 (an 80 GB H100: --batch_size=32; bf16 weights, gradients and AdamW moments of
+  # 7.5B parameters take 60 GB before activations):
+  CUDA_VISIBLE_DEVICES=0 python benchmarks/device_throughput.py --preset=llama-3-8b \
+      --json /tmp/device_throughput.json
   # A TPU VM (all its chips on the fsdp axis; no PyTorch side): see docs/launch.md.
   # CPU smoke run (tiny Llama, both sides on the CPU):
   python benchmarks/device_throughput.py --smoke --json /tmp/device_smoke.json
