@@ -9,7 +9,15 @@ loop) and, for reference, sorted by length. Each side scores everything once unt
 compiles then; reported) and once timed. The largest reward difference between the two is
 reported as a check that both computed the same thing.
 
+`--best_of_n 4,8,16`: best-of-n scoring instead, n responses to each of `--prompts` helpful
+prompts (the conversation before the last assistant turn, with that item's two responses and
+n - 2 responses of other items). jaxpref's `Scorer` gets each prompt's n texts as a group
+(`group_sizes`: packed, the shared prompt computed once); also timed with `packing=False`;
+transformers scores each prompt's n responses in batches of `--batch_size` sequences, padded to
+the longest (the usual loop).
+
   .venv/bin/python benchmarks/scoring_throughput.py --json /tmp/scoring_throughput.json
+  .venv/bin/python benchmarks/scoring_throughput.py --best_of_n 4,8,16 --json /tmp/best_of_n.json
 """
 
 from __future__ import annotations
@@ -36,6 +44,29 @@ def token_ids(pairs: int, max_length: int) -> list[list[int]]:
   items, _ = read_preferences(shared_setup.SHARED / "data" / "preferences" / "helpful.json")
   tokenizer = load_tokenizer(shared_setup.TOKENIZER_FILE)
   texts = [t for item in items[:pairs] for t in item.texts]
+  encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+  eos = tokenizer.eos_token_id
+  return [list(ids)[-(max_length - 1) :] + [eos] for ids in encoded]
+
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def best_of_n_ids(prompts: int, n: int, max_length: int) -> list[list[int]]:
+  """`prompts` groups of n token sequences: a helpful prompt and n responses (see module doc)."""
+  from jaxpref.data import load_tokenizer, read_preferences
+
+  items, _ = read_preferences(shared_setup.SHARED / "data" / "preferences" / "helpful.json")
+  tokenizer = load_tokenizer(shared_setup.TOKENIZER_FILE)
+  split = []
+  for item in items:
+    cut = item.texts[0].rfind(ASSISTANT) + len(ASSISTANT)
+    if cut >= len(ASSISTANT) and all(t[:cut] == item.texts[0][:cut] for t in item.texts):
+      split.append((item.texts[0][:cut], [t[cut:] for t in item.texts]))
+  texts = []
+  for p, (prompt, own) in enumerate(split[:prompts]):
+    others = [r for _, rs in split[prompts + p * n :] for r in rs][: n - len(own)]
+    texts += [prompt + r for r in (own + others)[:n]]
   encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
   eos = tokenizer.eos_token_id
   return [list(ids)[-(max_length - 1) :] + [eos] for ids in encoded]
@@ -74,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--max_length", type=int, default=512)
   parser.add_argument("--hidden", type=int, default=128)
   parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--best_of_n", default="", help="comma-separated n: best-of-n mode")
+  parser.add_argument("--prompts", type=int, default=32, help="best-of-n prompts per n")
   parser.add_argument("--smoke", action="store_true", help="tiny model, 16 pairs (CI)")
   parser.add_argument("--json", type=Path, default=None, help="also write the results here")
   args = parser.parse_args(argv)
@@ -81,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     sys.exit(f"shared data not found under {shared_setup.SHARED} (set JAXPREF_SHARED)")
   if args.smoke:
     args.pairs, args.batch_size, args.max_length, args.hidden, args.layers = 16, 8, 64, 32, 1
+    args.prompts = 4
+  if args.best_of_n:
+    return best_of_n_main(args, argv)
 
   import jax
   import torch
@@ -153,6 +189,80 @@ def main(argv: list[str] | None = None) -> dict:
     f" {result['ratio_vs_transformers_sorted']}x (sorted); jaxpref first pass (compiles) "
     f"{result['jax_first_pass_s']} s; max |reward diff| {result['max_abs_reward_diff']:.2e}"
   )
+  if args.json:
+    args.json.write_text(json.dumps(result, indent=2))
+  return result
+
+
+def best_of_n_main(args, argv) -> dict:
+  import jax
+  import torch
+  import transformers
+
+  from jaxpref.evaluation.scoring import Scorer
+  from jaxpref.models import hf_io
+
+  with tempfile.TemporaryDirectory() as tmp:
+    checkpoint = shared_setup.make_checkpoint(
+      Path(tmp) / "checkpoint", args.hidden, args.layers, args.max_length
+    )
+    cfg, params = hf_io.load_hf(checkpoint)
+    model = transformers.GPTNeoXForSequenceClassification.from_pretrained(
+      checkpoint, torch_dtype=torch.float32
+    ).eval()
+  params = jax.device_put(params)
+  kwargs = dict(batch_size=args.batch_size, max_length=args.max_length)
+  scorers = {
+    "jaxpref Scorer (packed, shared prompts)": Scorer(cfg, params, **kwargs),
+    "jaxpref Scorer (padded, sorted, buckets)": Scorer(cfg, params, packing=False, **kwargs),
+  }
+  table = []
+  for n in [int(x) for x in args.best_of_n.split(",")]:
+    sequences = best_of_n_ids(args.prompts, n, args.max_length)
+    groups = [n] * (len(sequences) // n)
+    rows, rewards = {}, {}
+    for name, scorer in scorers.items():
+      scorer.score_token_ids(sequences, group_sizes=groups)  # Compiles.
+      rewards[name], rows[name] = timed(
+        lambda s=scorer, q=sequences, g=groups: s.score_token_ids(q, group_sizes=g)
+      )
+    score_hf(model, sequences[: args.batch_size], args.batch_size, False)  # Warm-up.
+    hf_rewards, rows["transformers (per prompt, pad longest)"] = timed(
+      lambda q=sequences: score_hf(model, q, args.batch_size, False)
+    )
+    hf_s = rows["transformers (per prompt, pad longest)"]
+    for name, seconds in rows.items():
+      diff = float(np.max(np.abs(rewards.get(name, hf_rewards) - hf_rewards)))
+      table.append(
+        {
+          "n": n,
+          "scorer": name,
+          "seconds": round(seconds, 3),
+          "responses_per_s": round(len(sequences) / seconds, 2),
+          "vs_transformers": round(hf_s / seconds, 3),
+          "max_abs_reward_diff": diff,
+        }
+      )
+  result = {
+    "benchmark": "scoring_throughput_best_of_n",
+    "argv": sys.argv[1:] if argv is None else argv,
+    "smoke": args.smoke,
+    "config": {
+      k: getattr(args, k)
+      for k in ("prompts", "best_of_n", "batch_size", "max_length", "hidden", "layers")
+    },
+    "rows": table,
+    "torch_threads": torch.get_num_threads(),
+    "machine": platform.platform(),
+    "cpus": os.cpu_count(),
+  }
+  width = max(len(r["scorer"]) for r in table)
+  print(f"{'n':>3}  {'scorer':<{width}}  {'seconds':>8}  {'resp/s':>8}  {'x transformers':>14}")
+  for r in table:
+    print(
+      f"{r['n']:>3}  {r['scorer']:<{width}}  {r['seconds']:>8.3f}  {r['responses_per_s']:>8.2f}"
+      f"  {r['vs_transformers']:>14.2f}  (max |reward diff| {r['max_abs_reward_diff']:.1e})"
+    )
   if args.json:
     args.json.write_text(json.dumps(result, indent=2))
   return result

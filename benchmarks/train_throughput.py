@@ -114,14 +114,21 @@ def load_batches(path: Path) -> list[dict[str, np.ndarray]]:
 
 
 def run_jax(
-  checkpoint: Path, batches, warmup: int, attention: str, max_length: int, packing: bool
+  checkpoint: Path,
+  batches,
+  warmup: int,
+  attention: str,
+  max_length: int,
+  packing: bool,
+  share_prompts: bool = False,
 ) -> dict:
   """Times the trainer's own step (`jaxpref.training.step.build_from_config`: ranking loss, the
   trainer's AdamW chain with clipping, mesh shardings and donation), jitted once per batch shape.
 
   Batches reach the device through the trainer's own path (`jaxpref.training.data.global_batch`).
   With `packing`, each batch is packed on the host inside the timed step (`jaxpref.data.packing`,
-  the same rows the pipeline makes with `data.packing=True`); the trainer packs in the pipeline's
+  the same rows the pipeline makes with `data.packing=True`, and with `share_prompts` each item's
+  common prompt once, as `data.shared_prompts=True`); the trainer packs in the pipeline's
   prefetch threads instead, so this overstates its cost.
   """
   import jax
@@ -136,7 +143,7 @@ def run_jax(
 
   cfg, params = hf_io.load_hf(checkpoint)
   cfg = cfg.replace(attention=attention)
-  config = trainer_config(max_length, packing)
+  config = trainer_config(max_length, packing, share_prompts)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   program = train_step_lib.build_from_config(
     config, cfg, num_tasks=2, total_steps=len(batches), mesh=mesh
@@ -149,7 +156,9 @@ def run_jax(
   def prepare(batch):
     batch = PaddedBatch.from_dict(batch)
     if packing:
-      batch = packing_lib.pack_batch(batch, row_length=max_length, row_multiple=row_multiple)
+      batch = packing_lib.pack_batch(
+        batch, row_length=max_length, row_multiple=row_multiple, share_prompts=share_prompts
+      )
     return train_data.global_batch(batch, mesh)
 
   shape_of = lambda b: b.input_ids.shape
@@ -191,7 +200,7 @@ def run_jax(
   }
 
 
-def trainer_config(max_length: int, packing: bool):
+def trainer_config(max_length: int, packing: bool, share_prompts: bool = False):
   """The training config both sides follow: constant lr, AdamW, global-norm clipping at 1."""
   from jaxpref.training.config import base_config
 
@@ -204,6 +213,7 @@ def trainer_config(max_length: int, packing: bool):
   config.train.grad_clip = GRAD_CLIP
   config.data.max_length = max_length
   config.data.packing = packing
+  config.data.shared_prompts = share_prompts
   return config
 
 
@@ -275,8 +285,13 @@ def run_torch(checkpoint: Path, batches, warmup: int) -> dict:
   }
 
 
-SIDES = ("jax_packed", "jax", "torch")  # Row labels: jaxpref (packed), jaxpref (buckets), PyTorch.
-LABELS = {"jax_packed": "jaxpref packed", "jax": "jaxpref buckets", "torch": "PyTorch"}
+SIDES = ("jax_shared", "jax_packed", "jax", "torch")
+LABELS = {
+  "jax_shared": "jaxpref packed + shared prompts",  # the trainer's default
+  "jax_packed": "jaxpref packed",  # data.shared_prompts=False
+  "jax": "jaxpref buckets",  # data.packing=False
+  "torch": "PyTorch",
+}
 
 
 def _child(args) -> None:
@@ -296,18 +311,22 @@ def _child(args) -> None:
   if args._side == "torch":
     result = run_torch(checkpoint, batches, args.warmup)
   else:
-    packed = args._side == "jax_packed"
-    result = run_jax(checkpoint, batches, args.warmup, args.attention, args.max_length, packed)
+    packed, shared_prompts = args._side != "jax", args._side == "jax_shared"
+    result = run_jax(
+      checkpoint, batches, args.warmup, args.attention, args.max_length, packed, shared_prompts
+    )
   result["peak_rss_mib"] = peak_rss_mib()
   (args.work / f"{args._side}.json").write_text(json.dumps(result))
 
 
 def summarise(side: dict, batches, model_flops: float, peak_flops: float | None) -> dict:
   real = sum(int(b["attention_mask"].sum()) for b in batches)
+  pairs = sum(int((b["attention_mask"].sum(-1) > 0).all(-1).sum()) for b in batches)
   total = sum(float(t) for t in side["step_s"])
   return {
     "median_step_s": round(statistics.median(side["step_s"]), 4),
     "total_s": round(total, 3),
+    "pairs_per_s": round(pairs / total, 2),
     "real_tokens_per_s": round(real / total, 1),
     "model_gflops_per_s": round(model_flops / total / 1e9, 2),
     # Only where the device's peak is known (accelerators); the same model FLOPs on every side.
@@ -418,13 +437,13 @@ def main(argv: list[str] | None = None) -> dict:
     "cpus": os.cpu_count(),
   }
   print(
-    f"{'side':<16} {'median step s':>14} {'real tok/s':>11} {'vs PyTorch':>10} {'real frac':>9} "
+    f"{'side':<31} {'median step s':>14} {'real tok/s':>11} {'vs PyTorch':>10} {'real frac':>9} "
     f"{'GFLOP/s':>8} {'MFU':>6} {'peak RSS MiB':>13} {'loss first->last':>20}"
   )
   for side in SIDES:
     row = rows[side]
     print(
-      f"{LABELS[side]:<16} {row['median_step_s']:>14.4f} {row['real_tokens_per_s']:>11.1f} "
+      f"{LABELS[side]:<31} {row['median_step_s']:>14.4f} {row['real_tokens_per_s']:>11.1f} "
       f"{row['real_tokens_per_s'] / torch_rate:>9.2f}x {row['real_token_fraction']:>9.3f} "
       f"{row['model_gflops_per_s']:>8.2f} {row['mfu'] if row['mfu'] is not None else '-':>6} "
       f"{row['peak_rss_mib']:>13.1f} {row['first_loss']:>9.4f}->{row['last_loss']:<9.4f}"

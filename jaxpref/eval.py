@@ -34,6 +34,7 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("data", [], "Preference data file(s); repeat the flag for several.")
   flags.DEFINE_string("output", None, "Output directory.")
   define_contract_flags()
+  define_packing_flags()
   flags.DEFINE_integer("batch_size", 32, "Items per batch.")
   flags.DEFINE_string("format", "auto", "Data format (see docs/data.md); auto-detected by default.")
   flags.DEFINE_enum(
@@ -82,6 +83,21 @@ def define_contract_flags() -> None:
   )
 
 
+def define_packing_flags() -> None:
+  """How responses are laid out for the model, shared by `jaxpref.eval` and `jaxpref.score`."""
+  flags.DEFINE_boolean(
+    "packing",
+    True,
+    "Score packed rows (causal decoders with last-token pooling; same rewards, fewer positions).",
+  )
+  flags.DEFINE_boolean(
+    "shared_prompts",
+    True,
+    "With --packing, compute the prompt the responses of an item (or best-of-n record) share "
+    "once (same rewards).",
+  )
+
+
 def contract_from_flags(cfg, *, model=None, workdir=None, flag_values=FLAGS):
   """`(tokenizer, contract)` of the model, with the contract flags applied."""
   from jaxpref.data import contract as input_contract
@@ -124,6 +140,8 @@ def main(argv) -> None:
     on_error=FLAGS.on_error,
     on_tie=FLAGS.on_tie,
     data_format=FLAGS.format,
+    packing=FLAGS.packing,
+    share_prompts=FLAGS.shared_prompts,
   )
   run = {"model": FLAGS.model, "workdir": FLAGS.workdir, "step": step}
   reports = report_lib.evaluate_files(

@@ -37,10 +37,13 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step with --workdir (default: the latest).")
   flags.DEFINE_string("data", None, "Input JSON-lines file (.jsonl or .jsonl.gz).")
   flags.DEFINE_string("output", None, "Output JSON-lines file.")
-  from jaxpref.eval import define_contract_flags
+  from jaxpref.eval import define_contract_flags, define_packing_flags
 
   define_contract_flags()
-  flags.DEFINE_integer("batch_size", 16, "Sequences per batch.")
+  define_packing_flags()
+  flags.DEFINE_integer(
+    "batch_size", 16, "Sequences per forward pass (packed: about this many rows per call)."
+  )
   flags.DEFINE_string(
     "template",
     "{prompt}{response}",
@@ -92,6 +95,8 @@ def main(argv) -> None:
     max_length=contract.max_length,
     pad_token_id=pad_id,
     padding_side=contract.padding_side,
+    packing=FLAGS.packing,
+    share_prompts=FLAGS.shared_prompts,
   )
   temperature = (
     best_of_n.read_temperature(FLAGS.model or FLAGS.workdir) if FLAGS.apply_temperature else 1.0

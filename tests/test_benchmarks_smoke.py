@@ -26,6 +26,7 @@ EXPECTED = {
   "calibration_throughput.py": ({"rows", "pairs"}, False),
   "data_throughput.py": ({"rows", "items_per_task"}, True),
   "device_throughput.py": ({"sides", "real_tokens", "attention", "model_flops", "torch"}, False),
+  "shared_prompts.py": ({"files", "max_length"}, True),
 }
 SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
 
@@ -72,8 +73,30 @@ def test_smoke(script, tmp_path):
     assert result["ratio_tokens_per_s"] > 0 and result["model_flops"] > 0
   if script == "scoring_throughput.py":
     assert result["max_abs_reward_diff"] < 1e-4
+  if script == "shared_prompts.py":
+    helpful = result["files"]["helpful"]
+    assert helpful["shared_tokens"] < helpful["real_tokens"]
+    assert helpful["shared_packed_positions"] <= helpful["packed_positions"]
   if script == "memory_plan.py":
     row = result["rows"][0]
     assert row["optimizer_per_device"] == 2 * row["params_per_device"]
     # pythia-1.4b without its LM head is ~1.31B parameters.
     assert 1.2e9 < row["num_params"] < 1.45e9
+
+
+def test_best_of_n_smoke(tmp_path):
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"shared data not found at {SHARED_DATA}")
+  out = tmp_path / "out.json"
+  script = ROOT / "benchmarks" / "scoring_throughput.py"
+  proc = subprocess.run(
+    [sys.executable, str(script), "--smoke", "--best_of_n", "4", "--json", str(out)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert {r["scorer"].split(" (")[0] for r in rows} == {"jaxpref Scorer", "transformers"}
+  assert all(r["max_abs_reward_diff"] < 1e-4 for r in rows)

@@ -119,6 +119,15 @@ def test_train_resume_export_score(tmp_path):
     )
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
 
+  # `jaxpref.score` packs the best-of-n record (its prompt once): transformers, scoring each
+  # response whole with the exported tokenizer, agrees.
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  bon = [f"Human: 2+2?\n\nAssistant:{r}" for r in (" 4", " 5", " four")]
+  enc = hf_tokenizer(bon, truncation=True, max_length=64, padding=True, return_tensors="pt")
+  with torch.no_grad():
+    theirs = model(**enc).logits[:, 0].numpy()
+  np.testing.assert_allclose(rows[1]["rewards"], theirs, atol=1e-4)
+
 
 def test_kill_9_and_restart_matches_uninterrupted(tmp_path):
   overrides = ("--config.train.steps=8", "--config.checkpoint.every_steps=2")

@@ -17,6 +17,7 @@ no step needs a collective; process p's rows are global rows [p * R, (p + 1) * R
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,7 @@ class StepBatcher:
   process_count: int = 1
   pack_row_length: int = 0  # 0: padded batches; else pack into rows of this many tokens
   pack_row_multiple: int = 1  # each process's row count is a multiple of this
+  share_prompts: bool = False  # packed: each item's common prefix once (jaxpref.data.packing)
 
   def global_length(self, step: int) -> int:
     """The bucketed length of the whole global batch: the same on every process."""
@@ -62,22 +64,50 @@ class StepBatcher:
     )
     return bucket_length(longest, self.buckets)
 
-  def _response_lengths(self, step: int, process_index: int) -> np.ndarray:
+  def _groups(self, step: int, process_index: int) -> list[list[np.ndarray]]:
+    """The token arrays of the responses of a process's items of a step, by item."""
     task_ids, item_ids = self.plan.rows(step, process_index)
-    lengths = []
+    groups = []
     for t, i in zip(task_ids, item_ids):
       tok = self.tasks[t]
-      lengths.append(tok.lengths_r[tok.item_starts[i] : tok.item_starts[i + 1]])
-    return np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+      responses = range(tok.item_starts[i], tok.item_starts[i + 1])
+      groups.append(
+        [tok.token_ids[tok.starts_r[r] : tok.starts_r[r] + tok.lengths_r[r]] for r in responses]
+      )
+    return groups
 
-  def packed_rows(self, step: int) -> int:
-    """Rows per process of a packed step: the most any process needs, rounded up to
-    `pack_row_multiple`. Every process computes the same number from the shared plan."""
-    needed = max(
-      packing.rows_needed(self._response_lengths(step, p), self.pack_row_length)
+  def _rows_needed(self, step: int) -> int:
+    return max(
+      packing.rows_needed(
+        self._groups(step, p), self.pack_row_length, share_prompts=self.share_prompts
+      )
       for p in range(self.process_count)
     )
-    return -(-needed // self.pack_row_multiple) * self.pack_row_multiple
+
+  @functools.cached_property
+  def row_buckets(self) -> tuple[int, ...]:
+    """The packed row counts a run uses: the median, 90th percentile and largest need of the
+    first 64 steps (multiples of `pack_row_multiple`), so a run compiles about three step
+    shapes, not one per step, for a few rows of padding."""
+    needs = [self._rows_needed(step) for step in range(64)]
+    m = self.pack_row_multiple
+    return tuple(
+      sorted({-(-int(np.quantile(needs, q, method="higher")) // m) * m for q in (0.5, 0.9, 1.0)})
+    )
+
+  def packed_rows(self, step: int) -> int:
+    """Rows per process of a packed step: the smallest of `row_buckets` that holds what every
+    process needs (rarely more: then a multiple of a quarter of the largest bucket). Every
+    process computes the same number from the shared plan."""
+    needed = self._rows_needed(step)
+    for rows in self.row_buckets:
+      if needed <= rows:
+        return rows
+    multiple = max(
+      self.pack_row_multiple,
+      self.row_buckets[-1] // 4 // self.pack_row_multiple * self.pack_row_multiple,
+    )
+    return -(-needed // multiple) * multiple
 
   def __call__(self, step: int) -> TrainBatch:
     step = int(step)
@@ -92,6 +122,7 @@ class StepBatcher:
     return packing.pack_batch(
       batch,
       row_length=self.pack_row_length,
+      share_prompts=self.share_prompts,
       num_rows=num_rows,
       row_offset=self.process_index * num_rows,
     )
@@ -123,6 +154,7 @@ class PreferenceBatchIterator(grain.DatasetIterator):
     task_names: list[str],
     read_options: grain.ReadOptions,
     fingerprint: str,
+    accepted_fingerprints: Sequence[str] = (),
   ):
     self._inner = dataset.to_iter_dataset(read_options).__iter__()
     super().__init__(self._inner)
@@ -134,6 +166,7 @@ class PreferenceBatchIterator(grain.DatasetIterator):
     self.truncated_by_task = {n: t.num_truncated for n, t in zip(task_names, batcher.tasks)}
     self.task_hashes = {n: content_hash(t) for n, t in zip(task_names, batcher.tasks)}
     self._fingerprint = fingerprint
+    self._accepted = {fingerprint, *accepted_fingerprints}
 
   def __next__(self) -> TrainBatch:
     return next(self._inner)
@@ -168,7 +201,7 @@ class PreferenceBatchIterator(grain.DatasetIterator):
             f"the training data of task {task!r} differs from the checkpoint's (content hash "
             f"{self.task_hashes[task]} != {saved}); resume with the same data and tokenizer"
           )
-      if fingerprint != self._fingerprint:
+      if fingerprint not in self._accepted:
         raise errors.DataConfigError(
           "the saved data-iterator state belongs to a pipeline with other data or options "
           f"(tasks {sorted(saved_hashes)} vs {sorted(self.task_hashes)}, fingerprint "
@@ -228,6 +261,7 @@ def build_train_pipeline(
   prefetch: int = 4,
   packing_row_length: int = 0,
   packing_row_multiple: int = 1,
+  share_prompts: bool = False,
 ) -> PreferenceBatchIterator:
   """Builds the multi-task training iterator.
 
@@ -259,6 +293,8 @@ def build_train_pipeline(
       tokens (`jaxpref.data.packing`).
     packing_row_multiple: each process's packed row count is a multiple of this (the devices
       of the batch axes each process feeds).
+    share_prompts: with packing, each item's responses share one copy of their common prefix
+      (same rewards and gradients, fewer positions; `jaxpref.data.packing`).
 
   Returns:
     `PreferenceBatchIterator` yielding `PaddedBatch`es (input_ids / attention_mask int32
@@ -327,6 +363,7 @@ def build_train_pipeline(
     process_count=process_count,
     pack_row_length=packing_row_length,
     pack_row_multiple=max(1, packing_row_multiple),
+    share_prompts=bool(share_prompts and packing_row_length),
   )
   # The run length is left out: a run may be resumed with more steps (the batch of a step does
   # not depend on how many steps follow it). So is the process layout: every process must agree
@@ -343,8 +380,13 @@ def build_train_pipeline(
     "buckets": list(options.bucket_lengths),
     "padding_side": padding_side,
   }
-  if packing_row_length:  # Only then: fingerprints of padded runs stay what they were.
-    config["packing"] = [packing_row_length, max(1, packing_row_multiple)]
+  # Packing and shared prompts are left out too: they change the layout of a step's batch, not
+  # its items, rewards or gradients, so a run may switch them on resume. Runs saved while the
+  # packing settings were part of the fingerprint still resume with the same settings.
+  fingerprints = [_fingerprint(tokenized, config)]
+  if packing_row_length:
+    legacy = dict(config, packing=[packing_row_length, max(1, packing_row_multiple)])
+    fingerprints.append(_fingerprint(tokenized, legacy))
   dataset = grain.MapDataset.range(num_steps).map(batcher)
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   logging.info(
@@ -359,5 +401,5 @@ def build_train_pipeline(
     process_count,
   )
   return PreferenceBatchIterator(
-    dataset, batcher, names, read_options, _fingerprint(tokenized, config)
+    dataset, batcher, names, read_options, fingerprints[0], accepted_fingerprints=fingerprints
   )

@@ -134,7 +134,10 @@ def score_records(
   if not flat_texts:
     return [], skipped
   encoded, cut = encode_texts(flat_texts, tokenizer, contract.tokenize_options())
-  rewards = scorer.score_token_ids(encoded, progress=progress) / temperature
+  group_sizes = [len(texts) for _, _, texts in parsed]
+  rewards = (
+    scorer.score_token_ids(encoded, group_sizes=group_sizes, progress=progress) / temperature
+  )
   counts = Counter() if counts is None else counts
   counts["truncated"] += int(cut.sum())
   if stats is not None:

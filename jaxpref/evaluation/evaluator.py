@@ -14,6 +14,8 @@ import jax
 import numpy as np
 
 from jaxpref.data import eval_batches, tokenize
+from jaxpref.data import packing as packing_lib
+from jaxpref.data.batch import PaddedBatch
 from jaxpref.data.contract import InputContract
 from jaxpref.data.records import PreferenceItem
 from jaxpref.evaluation import calibration, reward_stats, scoring
@@ -73,13 +75,18 @@ def collect_rewards(
   batches: Sequence[dict[str, np.ndarray]],
   *,
   progress: str | None = None,
+  packing: bool = True,
+  share_prompts: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Rewards and scores of every real item in `batches`, as [num_items, N_max] arrays.
 
   Responses beyond an item's own count are padded with score -1 (ignored by every metric).
   `progress`: a description to show a progress bar with (None: no bar).
+  `packing`, `share_prompts`: score each batch packed, each item's common prompt once, where the
+  model allows (`scoring.packable`); the rewards are those of the padded batch.
   """
   score = scoring.compiled_score_fn(cfg)
+  packed = packing and scoring.packable(cfg)
   rewards, scores = [], []
   if progress:
     from tqdm.auto import tqdm
@@ -87,7 +94,20 @@ def collect_rewards(
     batches = tqdm(batches, desc=progress, unit="batch")
   for batch in batches:
     scoring.check_token_ids(int(np.max(batch["input_ids"], initial=0)), cfg.vocab_size)
-    rewards_bn, _ = score(params, batch["input_ids"], batch["attention_mask"])
+    if packed:
+      b, n, length = np.shape(batch["input_ids"])
+      rewards_g = scoring.score_packed(
+        cfg,
+        params,
+        packing_lib.batch_sequences(PaddedBatch.from_dict(batch)),
+        row_length=length,
+        share_prompts=share_prompts,
+        row_multiple=max(1, b * n // 4),
+        num_sequences=b * n,
+      )
+      rewards_bn = np.stack(rewards_g)
+    else:
+      rewards_bn, _ = score(params, batch["input_ids"], batch["attention_mask"])
     valid_b = np.asarray(batch["valid_b"], bool)
     rewards.append(np.asarray(jax.device_get(rewards_bn))[valid_b])
     scores.append(np.asarray(batch["scores"])[valid_b])
@@ -121,9 +141,12 @@ class TrainEvaluator:
     truncation_side: str = "left",
     n_bootstrap: int = 0,
     contract: InputContract | None = None,
+    packing: bool = True,
+    share_prompts: bool = True,
   ):
     self.cfg = cfg
     self.n_bootstrap = n_bootstrap
+    self.layout = {"packing": packing, "share_prompts": share_prompts}
     self.batches = {
       task: tokenized_eval_batches(
         items,
@@ -146,7 +169,7 @@ class TrainEvaluator:
     """Full calibration reports per task and for all tasks together (`all`)."""
     per_task, all_rewards, all_scores = {}, [], []
     for task, batches in self.batches.items():
-      rewards_bn, scores_bn = collect_rewards(self.cfg, params, batches)
+      rewards_bn, scores_bn = collect_rewards(self.cfg, params, batches, **self.layout)
       per_task[task] = report_for(rewards_bn, scores_bn, n_bootstrap=self.n_bootstrap)
       all_rewards.append(rewards_bn)
       all_scores.append(scores_bn)

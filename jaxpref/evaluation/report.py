@@ -59,6 +59,8 @@ def evaluate_files(
   temperature: float = 1.0,
   run: dict[str, Any] | None = None,
   progress: bool = False,
+  packing: bool = True,
+  share_prompts: bool = True,
 ) -> dict[str, dict[str, Any]]:
   """Scores each file, writes report.json / report.md / reliability PNGs, returns the reports.
 
@@ -67,6 +69,7 @@ def evaluate_files(
       it, `max_length` and `truncation_side` with special_tokens=auto.
     run: what report.json records under `run` (model, step); the contract is added.
     progress: show a progress bar per file.
+    packing, share_prompts: see `evaluator.collect_rewards` (the rewards do not change).
   """
   from jaxpref.data import reader
   from jaxpref.evaluation import evaluator as evaluation
@@ -93,7 +96,12 @@ def evaluate_files(
       contract=contract,
     )
     rewards_bn, scores_bn = evaluation.collect_rewards(
-      cfg, params, batches, progress=name if progress else None
+      cfg,
+      params,
+      batches,
+      progress=name if progress else None,
+      packing=packing,
+      share_prompts=share_prompts,
     )
     reports[name] = evaluation.report_for(
       rewards_bn, scores_bn, n_bootstrap=n_bootstrap, temperature=temperature
@@ -148,7 +156,13 @@ def fit_and_store_temperature(
       batch_size=kwargs["batch_size"],
       contract=kwargs["contract"],
     )
-    scored[name] = evaluation.collect_rewards(cfg, params, batches)
+    scored[name] = evaluation.collect_rewards(
+      cfg,
+      params,
+      batches,
+      packing=kwargs.get("packing", True),
+      share_prompts=kwargs.get("share_prompts", True),
+    )
   fit = temperature.fit_temperature(*scored["fit"])
   before = evaluation.report_for(*scored["test"], n_bootstrap=0)
   after = evaluation.report_for(*scored["test"], n_bootstrap=0, temperature=fit.temperature)

@@ -1,8 +1,12 @@
 """The one scoring function that training, evaluation, calibration and `jaxpref.score` share.
 
 `score_fn(cfg, params, input_ids_bnl, attention_mask_bnl) -> (rewards_bn, pooled_bnd)` scores a
-stacked response axis in one forward pass. The train step differentiates it; `Scorer` jits it once
-per padded shape for evaluation and scoring, so nothing re-implements the forward pass.
+stacked response axis in one forward pass; `packed_score_fn` scores packed rows
+(`jaxpref.data.packing`, shared prompts included) with the same model. The train step
+differentiates them (`score_batch`); evaluation and `Scorer` jit them once per shape, so nothing
+re-implements the forward pass. Evaluation and scoring pack by default where the model can
+(`packable`: a causal decoder with last-token pooling), with each group's (item's, or best-of-n
+record's) common prompt computed once.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpref.data import packing
 from jaxpref.data.batch import PaddedBatch, TrainBatch
-from jaxpref.models import reward_model
+from jaxpref.models import registry, reward_model
 from jaxpref.models.config import ModelConfig
 
 
@@ -81,6 +86,71 @@ def score_batch(
     dropout_rng=dropout_rng,
   )
   return outputs["rewards"].reshape(b, n), outputs["pooled"].reshape(b, n, -1)
+
+
+def packed_score_fn(
+  cfg: ModelConfig, params, rows: dict[str, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+  """Rewards [S] and pooled embeddings [S, D] of the sequences packed in `rows`.
+
+  Args:
+    rows: `input_ids`, `segment_ids`, `branch_ids`, `positions` [R, L] and `last_index` [S]
+      (`jaxpref.data.packing.PackedRows`; -1 for padding sequences, whose rewards mean nothing).
+  """
+  outputs = reward_model.apply(
+    cfg,
+    params,
+    rows["input_ids"],
+    (rows["segment_ids"] > 0).astype(jnp.int32),
+    packed={k: rows[k] for k in ("segment_ids", "branch_ids", "positions", "last_index")},
+  )
+  return outputs["rewards"], outputs["pooled"]
+
+
+def packable(cfg: ModelConfig) -> bool:
+  """Whether packed rows give this model's rewards: a causal decoder with last-token pooling."""
+  return registry.get(cfg.arch).decoder and cfg.pooling == "last"
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_packed_score_fn(cfg: ModelConfig):
+  """`packed_score_fn` jitted for one config (one executable per packed shape)."""
+  return jax.jit(functools.partial(packed_score_fn, cfg))
+
+
+def score_packed(
+  cfg: ModelConfig,
+  params,
+  sequences_gs: Sequence[Sequence[np.ndarray]],
+  *,
+  row_length: int,
+  share_prompts: bool = True,
+  row_multiple: int = 1,
+  num_sequences: int | None = None,
+) -> list[np.ndarray]:
+  """Rewards of groups of token sequences, packed (see `jaxpref.data.packing.pack_groups`).
+
+  Args:
+    sequences_gs: groups of 1-D token arrays (an empty one is padding; its reward is 0).
+    row_length: tokens per packed row; every sequence must fit.
+    share_prompts: compute each group's common prefix once.
+    row_multiple: round the row count up to a multiple of this (fewer compiled shapes).
+    num_sequences: pad the sequence axis to this many (default: a power of two).
+
+  Returns:
+    One float32 array of rewards per group.
+  """
+  rows = packing.pack_groups(
+    sequences_gs, row_length=row_length, share_prompts=share_prompts, row_multiple=row_multiple
+  )
+  total = len(rows.last_index)
+  width = num_sequences or 1 << max(total - 1, 0).bit_length()
+  last_index = np.full(max(width, total), -1, np.int32)
+  last_index[:total] = rows.last_index
+  rewards_s, _ = compiled_packed_score_fn(cfg)(params, {**rows._asdict(), "last_index": last_index})
+  rewards_s = np.where(last_index[:total] >= 0, np.asarray(rewards_s)[:total], 0.0)
+  bounds = np.cumsum([len(g) for g in sequences_gs])[:-1]
+  return np.split(rewards_s.astype(np.float32), bounds)
 
 
 class RewardError(ValueError):
@@ -159,10 +229,13 @@ def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
 
 
 class Scorer:
-  """Scores tokenised sequences in fixed-shape batches with the shared compiled `score_fn`.
+  """Scores tokenised sequences with the shared compiled scoring functions.
 
-  Sequences are grouped by length (sorted), each batch padded to `batch_size` rows and to a length
-  bucket, so the number of compilations is at most the number of buckets.
+  Packed (default, where `packable`): groups of sequences (e.g. a best-of-n prompt's responses;
+  by default each sequence alone) are sorted by length and packed, about `batch_size` rows a
+  call, each group's common prompt computed once with `share_prompts`. Padded (`packing=False`,
+  or an encoder): sequences sorted by length, each batch padded to `batch_size` rows and to a
+  length bucket, so the number of compilations is at most the number of buckets.
   """
 
   def __init__(
@@ -175,6 +248,8 @@ class Scorer:
     buckets: Sequence[int] | None = None,
     pad_token_id: int = 0,
     padding_side: str = "right",
+    packing: bool = True,
+    share_prompts: bool = True,
   ):
     self.cfg, self.params = cfg, params
     self.batch_size = batch_size
@@ -183,6 +258,8 @@ class Scorer:
     if padding_side not in ("left", "right"):
       raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
     self.padding_side = padding_side
+    self.packing = packing and packable(cfg)
+    self.share_prompts = share_prompts
     self._fn = compiled_score_fn(cfg)
 
   def _pad_batch(self, sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -197,14 +274,30 @@ class Scorer:
     return ids_bl, mask_bl
 
   def score_token_ids(
-    self, sequences: Sequence[Sequence[int]], *, progress: bool = False
+    self,
+    sequences: Sequence[Sequence[int]],
+    *,
+    group_sizes: Sequence[int] | None = None,
+    progress: bool = False,
   ) -> np.ndarray:
-    """Rewards (float32, input order) for a list of token-id sequences."""
+    """Rewards (float32, input order) for a list of token-id sequences.
+
+    `group_sizes`: consecutive sequences that belong together (sum = len(sequences)); with
+    packing and shared prompts, their common prefix is computed once. Default: each alone.
+    """
     if not sequences:
       return np.zeros((0,), np.float32)
     if any(len(s) == 0 for s in sequences):
       raise RewardError("cannot score an empty token sequence (an empty text?)")
     check_token_ids(max(max(s) for s in sequences), self.cfg.vocab_size)
+    if self.packing:
+      rewards = self._score_packed(sequences, group_sizes, progress)
+    else:
+      rewards = self._score_padded(sequences, progress)
+    check_finite_rewards(rewards, self.params)
+    return rewards
+
+  def _score_padded(self, sequences: Sequence[Sequence[int]], progress: bool) -> np.ndarray:
     order = np.argsort([len(s) for s in sequences], kind="stable")
     rewards = np.zeros((len(sequences),), np.float32)
     batches: Iterable = range(0, len(order), self.batch_size)
@@ -217,7 +310,60 @@ class Scorer:
       ids_bl, mask_bl = self._pad_batch([sequences[i] for i in index])
       rewards_b, _ = self._fn(self.params, jnp.asarray(ids_bl), jnp.asarray(mask_bl))
       rewards[index] = np.asarray(rewards_b)[: len(index)]
-    check_finite_rewards(rewards, self.params)
+    return rewards
+
+  def _score_packed(
+    self,
+    sequences: Sequence[Sequence[int]],
+    group_sizes: Sequence[int] | None,
+    progress: bool,
+  ) -> np.ndarray:
+    sizes = list(group_sizes) if group_sizes is not None else [1] * len(sequences)
+    if sum(sizes) != len(sequences) or min(sizes, default=1) < 1:
+      raise ValueError(f"group_sizes sum to {sum(sizes)} for {len(sequences)} sequences")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    # Identical sequences of a group (repeated best-of-n samples, or texts that truncation made
+    # equal) are scored once, so they get exactly the same reward.
+    groups, copies = [], []
+    for a, n in zip(starts, sizes):
+      unique: dict[bytes, int] = {}
+      group = [np.asarray(sequences[i], np.int32) for i in range(a, a + n)]
+      copies.append([unique.setdefault(x.tobytes(), len(unique)) for x in group])
+      groups.append([group[copies[-1].index(u)] for u in range(len(unique))])
+    # Each group's units (itself with a shared prompt, else its sequences): the tokens it takes
+    # and the longest unit, which sets the row length (positions stay each sequence's own, so a
+    # row may be longer than max_length). Longest first, about `batch_size` rows a call.
+    tokens_g, longest_g = np.zeros(len(groups), int), np.zeros(len(groups), int)
+    for g, group in enumerate(groups):
+      prefix = packing.shared_prefix_length(group) if self.share_prompts else 0
+      units = packing.plan_units([[len(x) for x in group]], [prefix], row_length=1 << 30)
+      tokens_g[g] = sum(u.length for u in units)
+      longest_g[g] = max(u.length for u in units)
+    chunks: list = []
+    budget = 0
+    for g in np.argsort(-longest_g, kind="stable"):
+      if not chunks or budget < tokens_g[g]:
+        row_length = max(32, 1 << (int(longest_g[g]) - 1).bit_length())
+        chunks.append((row_length, []))
+        budget = self.batch_size * row_length
+      chunks[-1][1].append(g)
+      budget -= int(tokens_g[g])
+    rewards = np.zeros((len(sequences),), np.float32)
+    if progress:
+      from tqdm.auto import tqdm
+
+      chunks = tqdm(chunks, desc="scoring", unit="batch")
+    for row_length, chunk in chunks:
+      rewards_g = score_packed(
+        self.cfg,
+        self.params,
+        [groups[g] for g in chunk],
+        row_length=row_length,
+        share_prompts=self.share_prompts,
+        row_multiple=max(1, self.batch_size // 4),
+      )
+      for g, values in zip(chunk, rewards_g):
+        rewards[starts[g] : starts[g] + sizes[g]] = values[copies[g]]
     return rewards
 
   def score_batch(self, input_ids_bnl: np.ndarray, attention_mask_bnl: np.ndarray) -> np.ndarray:

@@ -75,9 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Padded lengths: powers of two from min_bucket (0), or every multiple of this above it (less
   # padding, more compiled shapes; 64 suits max_length 512 on CPU).
   c.data.bucket_multiple = 0
-  # Pack each training batch's responses end to end into rows of max_length tokens (decoders
-  # with last-token pooling; same rewards and gradients, fewer positions; jaxpref.data.packing).
-  c.data.packing = False
+  # Pack each batch's responses end to end into rows of max_length tokens: same rewards and
+  # gradients, fewer positions (jaxpref.data.packing). Decoders with last-token pooling only;
+  # other models, and train.grad_accum_steps > 1, use padded batches whatever this says.
+  c.data.packing = True
+  # With packing, the responses of an item share one copy of their common prefix (the prompt):
+  # exact for causal decoders, computed once instead of once per response.
+  c.data.shared_prompts = True
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, in preference items

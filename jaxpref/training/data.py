@@ -19,6 +19,7 @@ from jaxpref.data import pipeline, reader, splits, tokenize
 from jaxpref.data.batch import TrainBatch
 from jaxpref.data.errors import DataConfigError
 from jaxpref.data.records import DataSummary, PreferenceItem, group_by_task
+from jaxpref.models import registry
 from jaxpref.models.config import ModelConfig
 
 
@@ -181,6 +182,7 @@ def prepare(
     buckets=tokenize.length_buckets(data.max_length, data.min_bucket, data.bucket_multiple),
     packing_row_length=data.max_length if data.packing else 0,
     packing_row_multiple=row_multiple,
+    share_prompts=data.get("shared_prompts", False),
     contract=contract,
   )
   return TrainData(
@@ -192,6 +194,27 @@ def prepare(
     summary=summary,
     contract=contract,
   )
+
+
+def settle_packing(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+  """Turns `data.packing` / `data.shared_prompts` off where they cannot apply, saying why.
+
+  Packing is the default (the fast path); an encoder, a pooling other than `last`, or gradient
+  accumulation (packed rows do not split into micro-batches of whole items) train on padded
+  batches instead. The settled values are what the run stores and what every later step reads.
+  """
+  data = config.data
+  if data.packing:
+    why = None
+    if not registry.get(model_cfg.arch).decoder or model_cfg.pooling != "last":
+      why = f"model.arch={model_cfg.arch} with model.pooling={model_cfg.pooling} reads padded rows"
+    elif config.train.grad_accum_steps > 1:
+      why = f"train.grad_accum_steps={config.train.grad_accum_steps} splits padded batches"
+    if why:
+      logging.info("data.packing off: %s", why)
+      data.packing = False
+  if not data.packing:
+    data.shared_prompts = False
 
 
 def check_process_blocks(mesh: Mesh) -> None:

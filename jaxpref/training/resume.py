@@ -31,6 +31,7 @@ HARMLESS = {
   "data.min_bucket",
   "data.bucket_multiple",
   "data.packing",
+  "data.shared_prompts",
 }
 NOT_COMPARED = ("resume.",)
 

@@ -97,17 +97,7 @@ class _StopRequest:
     return self.requested
 
 
-def _check_config(config: ml_collections.ConfigDict, mesh, model_cfg) -> None:
-  if config.data.packing:
-    if config.train.grad_accum_steps > 1:
-      raise TrainingError(
-        "data.packing=True does not support train.grad_accum_steps > 1 (packed "
-        "rows do not split into micro-batches of whole items)"
-      )
-    try:
-      reward_model.check_packable(model_cfg)
-    except ValueError as e:
-      raise TrainingError(str(e)) from None
+def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
   multiple = sharding.global_batch_size_multiple(mesh) * config.train.grad_accum_steps
   if config.train.batch_size % config.train.grad_accum_steps:
     raise TrainingError(
@@ -323,7 +313,8 @@ def _train(
       reward_model.abstract_params(model_cfg),
       workdir,
     )
-  _check_config(config, mesh, model_cfg)
+  train_data.settle_packing(config, model_cfg)
+  _check_config(config, mesh)
   logging.info(
     "Mesh %s over %d devices (%d processes)",
     dict(mesh.shape),
@@ -380,6 +371,8 @@ def _train(
     batch_size=config.eval.batch_size,
     min_bucket=config.data.min_bucket,
     contract=data.contract,
+    packing=config.data.packing,
+    share_prompts=config.data.shared_prompts,
   )
 
   # --- The loop. ------------------------------------------------------------------------------
