@@ -3,7 +3,8 @@
 On one GPU (or a TPU VM, or the CPU with `--smoke`), in a few minutes: a Llama-3-8B-shaped (or
 any `jaxpref.models.presets` name) reward model from random init, bf16 weights and compute,
 rematerialised layers, `model.attention=auto` (cuDNN on GPU, splash on TPU), trained on packed
-batches by the trainer's own step (`jaxpref.training.step.build_from_config`: ranking loss,
+batches with shared prompts (the trainer's defaults; `--no_shared_prompts` packs each response
+whole) by the trainer's own step (`jaxpref.training.step.build_from_config`: ranking loss,
 AdamW, global-norm clipping). Next to it, in the same run where torch with CUDA is installed,
 the transformers `*ForSequenceClassification` of the same shape in bf16 with gradient
 checkpointing and SDPA attention, trained on the same pairs (each batch padded to its longest
@@ -16,8 +17,10 @@ rows of `--max_length` tokens (one compiled shape); packing happens before timin
 packs in its prefetch threads).
 
 Printed and written (`--json`): step time, real (non-pad) tokens/s and MFU counting real tokens
-only (`jaxpref.training.flops`: 6 N per token plus causal attention over each response; the
-device's dense bf16 peak from `flops.PEAK_FLOPS`), per side, and their ratio.
+only (`jaxpref.training.flops`: 6 N per token plus causal attention over each response whole,
+i.e. the work a trainer without shared prompts does, so with shared prompts it is useful work,
+not hardware utilisation; the device's dense bf16 peak from `flops.PEAK_FLOPS`), per side, and
+their ratio.
 
   # One H200 (an 80 GB H100: --batch_size=32; bf16 weights, gradients and AdamW moments of
   # 7.5B parameters take 60 GB before activations):
@@ -31,6 +34,7 @@ device's dense bf16 peak from `flops.PEAK_FLOPS`), per side, and their ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -117,6 +121,7 @@ def run_jax(args, batches) -> dict:
   config.train.grad_clip = GRAD_CLIP
   config.data.max_length = args.max_length
   config.data.packing = True
+  config.data.shared_prompts = args.shared_prompts
   # Every local device on the fsdp axis (one GPU: a mesh of one; a TPU VM: weights and moments
   # sharded over its chips).
   mesh = sharding.make_mesh(1, -1, 1)
@@ -129,12 +134,12 @@ def run_jax(args, batches) -> dict:
 
   # One row count for every batch: one compiled shape.
   multiple = sharding.global_batch_size_multiple(mesh)
-  rows = max(packing.pack_batch(b, row_length=args.max_length).input_ids.shape[0] for b in batches)
+  pack = functools.partial(
+    packing.pack_batch, row_length=args.max_length, share_prompts=args.shared_prompts
+  )
+  rows = max(pack(b).input_ids.shape[0] for b in batches)
   rows = -(-rows // multiple) * multiple
-  packed = [
-    train_data.global_batch(packing.pack_batch(b, row_length=args.max_length, num_rows=rows), mesh)
-    for b in batches
-  ]
+  packed = [train_data.global_batch(pack(b, num_rows=rows), mesh) for b in batches]
   t0 = time.perf_counter()
   compiled = program.step_fn.lower(state, packed[0]).compile()
   compile_s = time.perf_counter() - t0
@@ -157,7 +162,9 @@ def run_jax(args, batches) -> dict:
     "compile_s": compile_s,
     "rows": [rows, args.max_length],
     "positions": rows * args.max_length * len(timed),
-    "attention": attention.choose(cfg, length=args.max_length, branches=False, packed=True),
+    "attention": attention.choose(
+      cfg, length=args.max_length, branches=args.shared_prompts, packed=True
+    ),
     "model_flops": flops.train_flops(cfg, lengths),
     "device_kind": device.device_kind,
     "num_devices": jax.device_count(),
@@ -278,6 +285,12 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--max_length", type=int, default=2048, help="packed row length")
   parser.add_argument("--attention", default="auto", help="model.attention")
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch baseline")
+  parser.add_argument(
+    "--no_shared_prompts",
+    dest="shared_prompts",
+    action="store_false",
+    help="pack every response whole (data.shared_prompts=False)",
+  )
   parser.add_argument("--smoke", action="store_true", help="tiny Llama, CPU, 2 steps (CI)")
   parser.add_argument("--json", type=Path, default=None, help="also write the results here")
   args = parser.parse_args(argv)
@@ -309,7 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
     "model": "tiny llama" if args.smoke else args.preset,
     "num_params": jax_side["num_params"],
     "batches": source,
-    "config": {k: getattr(args, k) for k in ("steps", "warmup", "batch_size", "max_length")},
+    "config": {
+      k: getattr(args, k) for k in ("steps", "warmup", "batch_size", "max_length", "shared_prompts")
+    },
     "attention": jax_side["attention"],
     "packed_rows": jax_side["rows"],
     "real_tokens": real_tokens,

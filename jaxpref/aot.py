@@ -81,6 +81,7 @@ class Plan:
   generated_code_bytes: int | None
   # Cost and roofline (per device unless named `total`; None where unknown).
   attention: str = ""
+  batch: str = ""  # "padded [b, n, L]" or "packed [R, L]" (the trainer's layout for this config)
   xla_flops_loop_once: float | None = None  # cost_analysis() as compiled: loop bodies once
   xla_flops: float | None = None
   xla_bytes_accessed: float | None = None
@@ -192,7 +193,7 @@ def _compile(config, model_cfg, mesh):
   import jax.numpy as jnp
 
   from jaxpref import sharding
-  from jaxpref.data.batch import PaddedBatch
+  from jaxpref.data.batch import PackedBatch, PaddedBatch
   from jaxpref.training import step as train_step_lib
 
   # The schedule's length changes no shape; any positive step count compiles the same program.
@@ -205,13 +206,31 @@ def _compile(config, model_cfg, mesh):
   )
   b, length = config.train.batch_size, config.data.max_length
   n = config.data.get("responses_per_item") or 2  # 0 = the data's largest; pairs without data.
-  shapes = {
-    "input_ids": ((b, n, length), jnp.int32),
-    "attention_mask": ((b, n, length), jnp.int32),
-    "scores": ((b, n), jnp.float32),
-    "task_ids": ((b,), jnp.int32),
-  }
-  abstract_batch = PaddedBatch(
+  if config.data.get("packing"):
+    # Packed rows (the trainer's default): as many rows as responses, the most a batch of
+    # full-length responses needs, so the plan is the worst case; shared prompts give branch ids.
+    multiple = sharding.global_batch_size_multiple(mesh)
+    rows = -(-b * n // multiple) * multiple
+    shapes = {
+      "input_ids": ((rows, length), jnp.int32),
+      "segment_ids": ((rows, length), jnp.int32),
+      "branch_ids": ((rows, length), jnp.int32),
+      "positions": ((rows, length), jnp.int32),
+      "last_index": ((b * n,), jnp.int32),
+      "lengths": ((b, n), jnp.int32),
+      "scores": ((b, n), jnp.float32),
+      "task_ids": ((b,), jnp.int32),
+    }
+    batch_type = PackedBatch
+  else:
+    shapes = {
+      "input_ids": ((b, n, length), jnp.int32),
+      "attention_mask": ((b, n, length), jnp.int32),
+      "scores": ((b, n), jnp.float32),
+      "task_ids": ((b,), jnp.int32),
+    }
+    batch_type = PaddedBatch
+  abstract_batch = batch_type(
     **{
       name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape))
       for name, (shape, dtype) in shapes.items()
@@ -255,10 +274,15 @@ def plan(config, devices, target: str, chip_name: str = "") -> Plan:
   from jaxpref import sharding
   from jaxpref.models import attention, lora
   from jaxpref.models.source import model_config_from_config
+  from jaxpref.training import data as train_data
   from jaxpref.training import flops, roofline
 
   # LoRA (lora.rank > 0): adapters added, optimizer state only for what trains.
   model_cfg = model_config_from_config(config.model).replace(lora=lora.from_config(config.lora))
+  # Packing as the trainer settles it (off for encoders, other poolings, grad accumulation).
+  if "packing" in config.data:
+    with config.unlocked():
+      train_data.settle_packing(config, model_cfg)
   mesh = sharding.make_mesh(
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=list(devices)
   )
@@ -273,7 +297,14 @@ def plan(config, devices, target: str, chip_name: str = "") -> Plan:
   opt_total, opt_per_device = _tree_bytes(abstract_state.opt_state, state_shardings.opt_state)
 
   with attention.kernel_mesh(mesh):  # what the step runs (logged once by the trace too)
-    impl = attention.choose(model_cfg, length=length, branches=False, packed=False)
+    packed = bool(config.data.get("packing"))
+    multiple = sharding.global_batch_size_multiple(mesh)
+    rows = -(-b * n // multiple) * multiple
+    batch_layout = f"packed [{rows}, {length}]" if packed else f"padded [{b}, {n}, {length}]"
+    impl = attention.choose(
+      model_cfg, length=length, branches=packed and bool(config.data.get("shared_prompts")),
+      packed=packed,
+    )  # fmt: skip
   compiled_cost, cost = _cost(compiled), step_cost(config, model_cfg, mesh)
   xla_flops, xla_bytes = cost.get("flops"), cost.get("bytes accessed")
   model_total = flops.train_flops(model_cfg, [length] * (b * n))
@@ -315,6 +346,7 @@ def plan(config, devices, target: str, chip_name: str = "") -> Plan:
     alias_bytes=get("alias_size_in_bytes"),
     generated_code_bytes=get("generated_code_size_in_bytes"),
     attention=impl,
+    batch=batch_layout,
     xla_flops_loop_once=compiled_cost.get("flops"),
     xla_flops=xla_flops,
     xla_bytes_accessed=xla_bytes,
@@ -365,6 +397,7 @@ def markdown(p: Plan) -> str:
     ("XLA output / device", _gib(p.output_bytes)),
     ("XLA alias (donated) / device", _gib(p.alias_bytes)),
     ("XLA temp / device", _gib(p.temp_bytes)),
+    ("batch", p.batch),
     ("attention", p.attention),
     ("custom calls", ", ".join(p.custom_calls) or "none"),
     ("XLA FLOPs / device", _num(p.xla_flops, "FLOP")),

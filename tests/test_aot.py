@@ -120,6 +120,8 @@ def test_cost_and_roofline_fields(aot_run):
 
   result, proc = aot_run
   assert result["attention"] == "blocked"  # auto on the CPU stand-in
+  # Packed rows with shared prompts, the trainer's default: one row per response at most.
+  assert result["batch"] == "packed [16, 32]"
   cfg = ModelConfig(
     arch="gpt_neox", vocab_size=512, hidden_size=32, num_layers=2, num_heads=4,
     intermediate_size=64, rotary_pct=0.25,
@@ -182,5 +184,7 @@ def test_tpu_topology_lowers_the_splash_kernel(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["target"] == "tpu v5e-8" and result["num_devices"] == 8
+  # Shared prompts: the two-call (cascade) splash, forward and backward kernels.
   assert result["attention"] == "splash" and "tpu_custom_call" in result["custom_calls"]
+  assert result["batch"] == "packed [16, 128]"
   assert result["chip"] == "TPU v5e" and result["bound"] in ("compute", "memory")
