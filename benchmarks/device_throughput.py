@@ -162,9 +162,7 @@ def run_jax(args, batches) -> dict:
     "compile_s": compile_s,
     "rows": [rows, args.max_length],
     "positions": rows * args.max_length * len(timed),
-    "attention": attention.choose(
-      cfg, length=args.max_length, branches=args.shared_prompts, packed=True
-    ),
+    "attention": attention.choose(cfg, length=args.max_length, packed=True),
     "model_flops": flops.train_flops(cfg, lengths),
     "device_kind": device.device_kind,
     "num_devices": jax.device_count(),

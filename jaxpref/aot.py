@@ -301,10 +301,7 @@ def plan(config, devices, target: str, chip_name: str = "") -> Plan:
     multiple = sharding.global_batch_size_multiple(mesh)
     rows = -(-b * n // multiple) * multiple
     batch_layout = f"packed [{rows}, {length}]" if packed else f"padded [{b}, {n}, {length}]"
-    impl = attention.choose(
-      model_cfg, length=length, branches=packed and bool(config.data.get("shared_prompts")),
-      packed=packed,
-    )  # fmt: skip
+    impl = attention.choose(model_cfg, length=length, packed=packed)
   compiled_cost, cost = _cost(compiled), step_cost(config, model_cfg, mesh)
   xla_flops, xla_bytes = cost.get("flops"), cost.get("bytes accessed")
   model_total = flops.train_flops(model_cfg, [length] * (b * n))

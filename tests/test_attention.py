@@ -72,24 +72,24 @@ def test_bad_attention_is_one_line():
 
 
 @pytest.mark.parametrize(
-  ("changes", "kernel", "branches", "packed", "why"),
+  ("changes", "kernel", "packed", "why"),
   [
-    ({"dtype": "float32"}, "cudnn", False, False, "bfloat16"),
-    ({"attn_logit_softcap": 50.0}, "cudnn", False, False, "soft-cap"),
-    ({"head_dim": 12}, "cudnn", False, False, "head dim"),
-    ({"sliding_window": 8}, "splash", False, True, "sliding"),
+    ({"dtype": "float32"}, "cudnn", False, "bfloat16"),
+    ({"attn_logit_softcap": 50.0}, "cudnn", False, "soft-cap"),
+    ({"head_dim": 12}, "cudnn", False, "head dim"),
+    ({"sliding_window": 8}, "splash", True, "sliding"),
   ],
 )
-def test_kernels_fall_back_to_blocked(monkeypatch, changes, kernel, branches, packed, why):
+def test_kernels_fall_back_to_blocked(monkeypatch, changes, kernel, packed, why):
   cfg = ModelConfig(**TINY, dtype="bfloat16", attention=kernel).replace(**changes)
   monkeypatch.setattr(attention, "_logged", set())
   logged = []
   monkeypatch.setattr(attention.logging, "info", lambda fmt, msg: logged.append(msg))
   for _ in range(2):  # logged once
-    assert attention.choose(cfg, length=LENGTH, branches=branches, packed=packed) == "blocked"
+    assert attention.choose(cfg, length=LENGTH, packed=packed) == "blocked"
   assert len(logged) == 1 and why in logged[0] and "falling back to blocked" in logged[0]
   fine = ModelConfig(**TINY, dtype="bfloat16", attention=kernel)
-  assert attention.choose(fine, length=LENGTH, branches=False, packed=packed) == kernel
+  assert attention.choose(fine, length=LENGTH, packed=packed) == kernel
 
 
 def _rows(seed: int = 0, length: int = LENGTH):

@@ -93,7 +93,7 @@ def _cudnn_head_dim_limit() -> int:
   return 256 if major >= 9 else 128
 
 
-def why_not(cfg: ModelConfig, kernel: str, *, length: int, branches: bool) -> str | None:
+def why_not(cfg: ModelConfig, kernel: str, *, length: int) -> str | None:
   """Why `kernel` cannot compute this call exactly, or None when it can."""
   if kernel == "cudnn":
     if cfg.dtype not in ("bfloat16", "float16"):
@@ -108,14 +108,14 @@ def why_not(cfg: ModelConfig, kernel: str, *, length: int, branches: bool) -> st
   return None
 
 
-def choose(cfg: ModelConfig, *, length: int, branches: bool, packed: bool, log: bool = True) -> str:
+def choose(cfg: ModelConfig, *, length: int, packed: bool, log: bool = True) -> str:
   """The implementation that runs this call: `model.attention` resolved, or `blocked` (logged
   once; `log=False` for traces that compute nothing, such as parameter initialisation) where
   the kernel cannot express the case."""
   impl = resolve(cfg.attention)
   if cfg.attention == "auto" and log:
     _log_once(f"model.attention=auto: {impl} on {platform()}")
-  reason = why_not(cfg, impl, length=length, branches=branches)
+  reason = why_not(cfg, impl, length=length)
   if reason is None and impl == "splash" and packed and any(cfg.sliding_layers):
     reason = "splash attention measures sliding windows in indices, not packed positions"
   if reason is not None:
@@ -159,8 +159,7 @@ def visibility(
   """Positions, and what full-attention and sliding-window layers see, for padded or packed rows."""
   length = attention_mask_bl.shape[-1]
   packed = segment_ids_bl is not None
-  branches = branch_ids_bl is not None
-  impl = choose(cfg, length=length, branches=branches, packed=packed, log=log)
+  impl = choose(cfg, length=length, packed=packed, log=log)
   if impl != "splash":
     positions_bl, mask_b1ll = layers.decoder_positions_and_mask(
       attention_mask_bl, segment_ids_bl, positions_bl, branch_ids_bl
