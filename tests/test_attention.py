@@ -254,3 +254,44 @@ def test_cudnn_call_arguments(monkeypatch, llama):
   want = rm.apply(cfg, params, ids, mask)["rewards"]  # auto -> blocked
   assert not calls
   np.testing.assert_allclose(got, want, atol=0.05)
+
+
+def test_splash_per_shard_under_the_kernel_mesh():
+  """On a mesh of two (CPU) devices, splash runs inside `jax.shard_map` (rows split over fsdp):
+  shared-prompt rows give the blocked path's rewards."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  script = """
+import functools, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_attention as ta
+from jaxpref import sharding
+from jaxpref.models import attention, reward_model as rm
+from jaxpref.models.config import ModelConfig
+
+assert jax.device_count() == 2
+mesh = sharding.make_mesh(1, 2, 1)
+cfg = ModelConfig(**ta.TINY)
+params = jax.jit(functools.partial(rm.init_params, cfg))(jax.random.key(0))
+ids, mask, packed = ta._shared_prompt_rows()
+def rewards(impl, p):
+  with attention.kernel_mesh(mesh):
+    return rm.apply(cfg.replace(attention=impl), p, ids, mask, packed=packed)["rewards"]
+
+splash = jax.jit(functools.partial(rewards, "splash"))
+text = splash.lower(params).as_text()
+assert "shard_map" in text or "manual_computation" in text, "splash is not run per shard"
+want = jax.jit(functools.partial(rewards, "blocked"))(params)
+np.testing.assert_allclose(splash(params), want, atol=2e-5, rtol=1e-4)
+print("ok")
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  tests_dir = str(Path(__file__).resolve().parent)
+  proc = subprocess.run(
+    [sys.executable, "-c", script, tests_dir], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
