@@ -120,7 +120,7 @@ def test_pack_groups_layout():
   prompt = np.array([5, 6, 7])
   groups = [
     [np.r_[prompt, 1, 2], np.r_[prompt, 3], np.r_[prompt, 4, 4, 4]],
-    [np.array([9, 9]), np.array([9, 9])],  # identical: the prefix stops one token short
+    [np.array([9, 9]), np.array([9, 9])],  # identical: packed once, read at one position
     [np.array([8])],
   ]
   rows = packing.pack_groups(groups, row_length=16, share_prompts=True)
@@ -133,8 +133,9 @@ def test_pack_groups_layout():
   assert len(first) == 1  # the prompt once
   (r,), (c,) = np.nonzero(rows.input_ids == 7)
   assert rows.branch_ids[r, c] == 0 and rows.positions[r, c] == 2
-  # 3 + 2 + 1 + 3 own tokens; 1 + 1 + 1 for the identical pair; 1.
-  assert (rows.segment_ids > 0).sum() == 3 + 6 + 3 + 1
+  # 3 + 2 + 1 + 3 own tokens; the identical pair once; 1.
+  assert (rows.segment_ids > 0).sum() == 3 + 6 + 2 + 1
+  assert rows.last_index[3] == rows.last_index[4]
   assert packing.rows_needed(groups, 16, share_prompts=True) == rows.input_ids.shape[0]
   assert packing.shared_prefix_length([np.array([1, 2]), np.array([1])]) == 0
   assert packing.shared_prefix_length([np.array([1, 2, 3])]) == 0

@@ -14,8 +14,9 @@ that are in the prefix or in its own branch (`jaxpref.models.layers.causal_segme
 every hidden state, reward and gradient is the one the response gets when scored whole: in a
 causal model the prefix's states do not depend on what follows, and the gradient through them is
 the sum of the responses' gradients either way. The prefix is cut one token short of the shortest
-response, so every response keeps at least its last token for pooling; a group that would not fit
-in one row is packed unshared, and so is a whole batch where sharing would need more rows.
+response, so every response keeps at least its last token for pooling; identical responses of a
+group are packed once (and get exactly the same reward); a group that would not fit in one row
+is packed unshared, and so is a whole batch where sharing would need more rows.
 
 `pack_groups` packs any groups of token sequences (the pipeline's batches via `pack_batch`,
 evaluation, and `jaxpref.score`'s records: a best-of-n prompt and its n responses).
@@ -43,20 +44,25 @@ def first_fit_decreasing(lengths_s: np.ndarray, row_length: int) -> tuple[np.nda
   Returns:
     (row_s, start_s), -1 for empty sequences.
   """
+  lengths_s = np.asarray(lengths_s)
   row_s = np.full(len(lengths_s), -1, np.int64)
   start_s = np.full(len(lengths_s), -1, np.int64)
-  used: list[int] = []  # Tokens used in each open row.
-  for s in np.argsort(-np.asarray(lengths_s), kind="stable"):
+  if len(lengths_s) and lengths_s.max() > row_length:
+    raise ValueError(f"a sequence of {lengths_s.max()} tokens does not fit rows of {row_length}")
+  free_r = np.zeros(len(lengths_s), np.int64)  # Room left in each open row.
+  rows = 0
+  for s in np.argsort(-lengths_s, kind="stable"):
     n = int(lengths_s[s])
     if n == 0:
       continue
-    if n > row_length:
-      raise ValueError(f"a sequence of {n} tokens does not fit rows of {row_length}")
-    r = next((r for r, u in enumerate(used) if u + n <= row_length), len(used))
-    if r == len(used):
-      used.append(0)
-    row_s[s], start_s[s] = r, used[r]
-    used[r] += n
+    fits = np.flatnonzero(free_r[:rows] >= n)
+    if len(fits):
+      r = int(fits[0])
+    else:
+      r, rows = rows, rows + 1
+      free_r[r] = row_length
+    row_s[s], start_s[s] = r, row_length - free_r[r]
+    free_r[r] -= n
   return row_s, start_s
 
 
@@ -110,20 +116,39 @@ def _rows(units: list[Unit], row_length: int) -> tuple[np.ndarray, np.ndarray, i
   return row_u, start_u, needed
 
 
+def _first_copies(group: Sequence[np.ndarray]) -> list[int]:
+  """For each sequence of a group, the index of the first identical one (itself if none)."""
+  first: dict[bytes, int] = {}
+  return [
+    first.setdefault(np.asarray(s).tobytes(), k) if len(s) else k for k, s in enumerate(group)
+  ]
+
+
 def _plan(
   sequences_gs: Sequence[Sequence[np.ndarray]], row_length: int, share_prompts: bool
-) -> tuple[list[Unit], np.ndarray, np.ndarray, int]:
-  """Units and their rows. With `share_prompts`, the shared layout unless it needs more rows
-  than the unshared one (a group must fit one row, which can pack worse where prompts are short
-  next to their responses); fewer rows is less work either way."""
+) -> tuple[list[Unit], np.ndarray, np.ndarray, int, list[list[int]] | None]:
+  """Units, their rows and, with `share_prompts`, each sequence's first copy in its group.
+
+  With `share_prompts`, the responses of a group that are identical (pairs that truncation made
+  equal, repeated best-of-n samples) are packed once and read at the same position, so they get
+  exactly the same reward; and the shared layout is used unless it needs more rows than the
+  unshared one (a group must fit one row, which can pack worse where prompts are short next to
+  their responses); fewer rows is less work either way."""
+  copies_gs = None
+  if share_prompts:
+    copies_gs = [_first_copies(g) for g in sequences_gs]
+    sequences_gs = [
+      [s if copies[k] == k else s[:0] for k, s in enumerate(g)]
+      for g, copies in zip(sequences_gs, copies_gs)
+    ]
   lengths_gs = [[len(s) for s in group] for group in sequences_gs]
   units = plan_units(lengths_gs, [0] * len(lengths_gs), row_length)
-  plan = (units, *_rows(units, row_length))
+  plan = (units, *_rows(units, row_length), copies_gs)
   if share_prompts:
     prefix_g = [shared_prefix_length(g) for g in sequences_gs]
     if any(prefix_g):
       units = plan_units(lengths_gs, prefix_g, row_length)
-      shared = (units, *_rows(units, row_length))
+      shared = (units, *_rows(units, row_length), copies_gs)
       if shared[3] <= plan[3]:
         plan = shared
   return plan
@@ -170,7 +195,7 @@ def pack_groups(
   Returns:
     `PackedRows`; `last_index` [sum of group sizes], -1 for empty sequences.
   """
-  units, row_u, start_u, needed = _plan(sequences_gs, row_length, share_prompts)
+  units, row_u, start_u, needed, copies_gs = _plan(sequences_gs, row_length, share_prompts)
   if num_rows is None:
     num_rows = -(-needed // row_multiple) * row_multiple
   elif num_rows < needed:
@@ -200,6 +225,10 @@ def pack_groups(
       positions_rl[r, span] = unit.prefix + np.arange(len(own))
       col += len(own)
       last_index_s[offset_g[unit.group] + k] = (row_offset + r) * row_length + col - 1
+  for g, copies in enumerate(copies_gs or ()):
+    for k, first in enumerate(copies):
+      if first != k:
+        last_index_s[offset_g[g] + k] = last_index_s[offset_g[g] + first]
   return PackedRows(ids_rl, segment_rl, branch_rl, positions_rl, last_index_s)
 
 

@@ -87,9 +87,9 @@ class StepBatcher:
   @functools.cached_property
   def row_buckets(self) -> tuple[int, ...]:
     """The packed row counts a run uses: the median, 90th percentile and largest need of the
-    first 64 steps (multiples of `pack_row_multiple`), so a run compiles about three step
+    first 32 steps (multiples of `pack_row_multiple`), so a run compiles about three step
     shapes, not one per step, for a few rows of padding."""
-    needs = [self._rows_needed(step) for step in range(64)]
+    needs = [self._rows_needed(step) for step in range(32)]
     m = self.pack_row_multiple
     return tuple(
       sorted({-(-int(np.quantile(needs, q, method="higher")) // m) * m for q in (0.5, 0.9, 1.0)})
