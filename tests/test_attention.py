@@ -275,6 +275,10 @@ from jaxpref.models.config import ModelConfig
 
 assert jax.device_count() == 2
 mesh = sharding.make_mesh(1, 2, 1)
+# Without the kernel mesh, two devices: splash would not run per shard, so blocked runs.
+assert attention.choose(ModelConfig(attention="splash"), length=128, packed=True) == "blocked"
+with attention.kernel_mesh(mesh):
+  assert attention.choose(ModelConfig(attention="splash"), length=128, packed=True) == "splash"
 cfg = ModelConfig(**ta.TINY)
 params = jax.jit(functools.partial(rm.init_params, cfg))(jax.random.key(0))
 ids, mask, packed = ta._shared_prompt_rows()

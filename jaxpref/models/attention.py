@@ -19,7 +19,8 @@
 A kernel that cannot express a case falls back to `blocked` for that call, the same way every
 time, with one log line saying why: cuDNN needs bf16/fp16, a head dim that is a multiple of 8 (at
 most 128, 256 on Hopper), an even length and no logit soft-cap; splash cannot express a sliding
-window in packed rows (it measures windows in indices, jaxpref in positions).
+window in packed rows (it measures windows in indices, jaxpref in positions), and on several
+devices it runs only per shard, inside a `kernel_mesh` (the train step traces under its mesh).
 
 What a query may see travels through the decoder as one `Visibility`: the dense [B, 1, L, L] mask
 for the XLA and cuDNN paths, segment ids for splash; building the mask is skipped where no path
@@ -118,6 +119,10 @@ def choose(cfg: ModelConfig, *, length: int, packed: bool, log: bool = True) -> 
   reason = why_not(cfg, impl, length=length)
   if reason is None and impl == "splash" and packed and any(cfg.sliding_layers):
     reason = "splash attention measures sliding windows in indices, not packed positions"
+  if reason is None and impl == "splash" and not _mesh_stack and jax.device_count() > 1:
+    # XLA cannot partition a Pallas kernel: without shard_map every device would gather and
+    # compute every row. Callers that shard a batch trace under `kernel_mesh(mesh)`.
+    reason = f"splash attention on {jax.device_count()} devices needs a kernel mesh"
   if reason is not None:
     if log:
       _log_once(f"model.attention={impl}: falling back to blocked ({reason})")
@@ -430,8 +435,6 @@ def _splash(cfg, query_blhd, key_blkd, value_blkd, vis: Visibility):
   run = functools.partial(_splash_local, cfg, vis.window, interpret)
   args = (query_blhd, key_blkd, value_blkd, vis.segment_ids_bl, vis.sliding, vis.branch_ids_bl)
   if not _mesh_stack or _mesh_stack[-1].size == 1:
-    if not _mesh_stack and jax.device_count() > 1:
-      _log_once("splash attention traced without a kernel mesh: XLA may gather its rows")
     return run(*args)
   # A Pallas kernel is opaque to XLA's partitioner: run it per shard, rows split like the batch
   # and heads like the `tensor` axis (where they divide), so no device gathers another's rows.
