@@ -296,12 +296,12 @@ def plan(config, devices, target: str, chip_name: str = "") -> Plan:
   param_total, param_per_device = _tree_bytes(abstract_state.params, state_shardings.params)
   opt_total, opt_per_device = _tree_bytes(abstract_state.opt_state, state_shardings.opt_state)
 
-  with attention.kernel_mesh(mesh):  # what the step runs (logged once by the trace too)
-    packed = bool(config.data.get("packing"))
-    multiple = sharding.global_batch_size_multiple(mesh)
-    rows = -(-b * n // multiple) * multiple
-    batch_layout = f"packed [{rows}, {length}]" if packed else f"padded [{b}, {n}, {length}]"
-    impl = attention.choose(model_cfg, length=length, packed=packed)
+  packed = bool(config.data.get("packing"))
+  multiple = sharding.global_batch_size_multiple(mesh)
+  rows = -(-b * n // multiple) * multiple  # as `_compile` lays them out
+  batch_layout = f"packed [{rows}, {length}]" if packed else f"padded [{b}, {n}, {length}]"
+  with attention.kernel_mesh(mesh):  # the implementation the step's trace chose
+    impl = attention.choose(model_cfg, length=length, packed=packed, log=False)
   compiled_cost, cost = _cost(compiled), step_cost(config, model_cfg, mesh)
   xla_flops, xla_bytes = cost.get("flops"), cost.get("bytes accessed")
   model_total = flops.train_flops(model_cfg, [length] * (b * n))
