@@ -145,8 +145,9 @@ def test_scorer_best_of_n_and_eval_use_shared_prompts(monkeypatch):
   cfg = NATIVE["llama"]
   params = reward_model.init_params(cfg, jax.random.key(2))
   rng = np.random.default_rng(0)
-  prompts = [rng.integers(1, 97, n) for n in (20, 5, 11)]
-  groups = [[np.r_[p, rng.integers(1, 97, m)] for m in (3, 9, 1, 6, 2)] for p in prompts]
+  # Each group fits a row of 32 (the power of two that holds its longest sequence).
+  prompts = [rng.integers(1, 97, n) for n in (12, 5, 9)]
+  groups = [[np.r_[p, rng.integers(1, 97, m)] for m in (3, 2, 1, 4, 2)] for p in prompts]
   flat = [s for g in groups for s in g]
   padded = scoring.Scorer(cfg, params, batch_size=4, max_length=64, packing=False)
   want = padded.score_token_ids(flat)

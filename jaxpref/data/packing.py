@@ -15,8 +15,9 @@ every hidden state, reward and gradient is the one the response gets when scored
 causal model the prefix's states do not depend on what follows, and the gradient through them is
 the sum of the responses' gradients either way. The prefix is cut one token short of the shortest
 response, so every response keeps at least its last token for pooling; identical responses of a
-group are packed once (and get exactly the same reward); a group that would not fit in one row
-is packed unshared, and so is a whole batch where sharing would need more rows.
+group are packed once (and get exactly the same reward); a group that does not fit one row is
+split into segments that each repeat the prefix; a whole batch that sharing would give more
+rows is packed unshared.
 
 `pack_groups` packs any groups of token sequences (the pipeline's batches via `pack_batch`,
 evaluation, and `jaxpref.score`'s records: a best-of-n prompt and its n responses).
@@ -96,17 +97,24 @@ def plan_units(
   prefix_g: Sequence[int],
   row_length: int,
 ) -> list[Unit]:
-  """The units of each group: the group as one shared segment where it has a shared prefix and
-  fits a row, else each non-empty sequence alone."""
+  """The units of each group: with a shared prefix, the group as one segment, or as several
+  (each with its own copy of the prefix) where it does not fit a row; else each non-empty
+  sequence alone."""
   units = []
   for g, (lengths, prefix) in enumerate(zip(lengths_gs, prefix_g)):
-    members = tuple(k for k, n in enumerate(lengths) if n > 0)
-    if prefix > 0:
-      length = prefix + sum(int(lengths[k]) - prefix for k in members)
-      if length <= row_length:
-        units.append(Unit(g, members, int(prefix), length))
-        continue
-    units.extend(Unit(g, (k,), 0, int(lengths[k])) for k in members)
+    members = [k for k, n in enumerate(lengths) if n > 0]
+    if not prefix:
+      units.extend(Unit(g, (k,), 0, int(lengths[k])) for k in members)
+      continue
+    part, length = [], prefix
+    for k in members:
+      own = int(lengths[k]) - prefix
+      if part and length + own > row_length:
+        units.append(Unit(g, tuple(part), int(prefix), length))
+        part, length = [], prefix
+      part.append(k)
+      length += own
+    units.append(Unit(g, tuple(part), int(prefix), length))
   return units
 
 

@@ -330,15 +330,16 @@ class Scorer:
       group = [np.asarray(sequences[i], np.int32) for i in range(a, a + n)]
       copies.append([unique.setdefault(x.tobytes(), len(unique)) for x in group])
       groups.append([group[copies[-1].index(u)] for u in range(len(unique))])
-    # Each group's units (itself with a shared prompt, else its sequences): the tokens it takes
-    # and the longest unit, which sets the row length (positions stay each sequence's own, so a
-    # row may be longer than max_length). Longest first, about `batch_size` rows a call.
+    # Rows as long as the power of two that holds a chunk's longest sequence (longest first;
+    # a group longer than a row is split into segments that each repeat its prompt), and about
+    # `batch_size` rows of tokens a call.
     tokens_g, longest_g = np.zeros(len(groups), int), np.zeros(len(groups), int)
     for g, group in enumerate(groups):
+      longest_g[g] = max(len(x) for x in group)
+      row_length = max(32, 1 << (int(longest_g[g]) - 1).bit_length())
       prefix = packing.shared_prefix_length(group) if self.share_prompts else 0
-      units = packing.plan_units([[len(x) for x in group]], [prefix], row_length=1 << 30)
+      units = packing.plan_units([[len(x) for x in group]], [prefix], row_length)
       tokens_g[g] = sum(u.length for u in units)
-      longest_g[g] = max(u.length for u in units)
     chunks: list = []
     budget = 0
     for g in np.argsort(-longest_g, kind="stable"):
