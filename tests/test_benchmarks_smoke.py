@@ -25,6 +25,7 @@ EXPECTED = {
   "more_overhead.py": ({"step_ms_median", "ratio_more_over_multitask"}, False),
   "calibration_throughput.py": ({"rows", "pairs"}, False),
   "data_throughput.py": ({"rows", "items_per_task"}, True),
+  "device_throughput.py": ({"sides", "real_tokens", "attention", "model_flops", "torch"}, False),
   "shared_prompts.py": ({"files", "max_length"}, True),
 }
 SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
@@ -65,6 +66,11 @@ def test_smoke(script, tmp_path):
     assert all(row["real_tokens_per_s"] > 0 for row in result["sides"].values())
     packed, padded = result["sides"]["jaxpref packed"], result["sides"]["jaxpref buckets"]
     assert packed["positions"] <= padded["positions"]
+  if script == "device_throughput.py":
+    # Both sides ran (the PyTorch one on the CPU in --smoke) and trained on the same real tokens.
+    assert set(result["sides"]) == {"jaxpref", "PyTorch"} and result["attention"] == "blocked"
+    assert all(row["real_tokens_per_s"] > 0 for row in result["sides"].values())
+    assert result["ratio_tokens_per_s"] > 0 and result["model_flops"] > 0
   if script == "scoring_throughput.py":
     assert result["max_abs_reward_diff"] < 1e-4
   if script == "shared_prompts.py":

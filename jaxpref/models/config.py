@@ -19,7 +19,7 @@ from jaxpref.models.lora import LoraConfig
 ARCHS = ("gpt_neox", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3", "bert")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 POOLINGS = ("last", "eos", "mean", "max", "cls", "pooler")
-ATTENTIONS = ("blocked", "dense")
+ATTENTIONS = ("auto", "blocked", "dense", "cudnn", "splash")  # jaxpref.models.attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +83,15 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
-  # Causal self-attention: "blocked" splits the queries into blocks of `attention_block` rows,
-  # skips the key blocks above the diagonal and recomputes each block's probabilities in the
-  # backward pass (saves ~3/8 of the attention FLOPs at 4 blocks and keeps O(L * block) instead
-  # of O(L^2) residuals per layer); "dense" is one `jax.nn.dot_product_attention` over all of L.
-  # Same numbers either way (up to float rounding); encoders (BERT) always use "dense".
-  attention: str = "blocked"
+  # Causal self-attention (`jaxpref.models.attention`): "auto" picks per backend ("cudnn" on GPU,
+  # "splash" on TPU, "blocked" on CPU). "blocked" splits the queries into blocks of
+  # `attention_block` rows, skips the key blocks above the diagonal and recomputes each block's
+  # probabilities in the backward pass (saves ~3/8 of the attention FLOPs at 4 blocks and keeps
+  # O(L * block) instead of O(L^2) residuals per layer); "dense" is one XLA
+  # `jax.nn.dot_product_attention` over all of L; "cudnn" / "splash" are the fused kernels, with
+  # a logged fall-back to "blocked" where they cannot express a case. Same numbers every way (up
+  # to float rounding); encoders (BERT) always use "dense".
+  attention: str = "auto"
   attention_block: int = 128
   # Low-rank adapters on the backbone (`jaxpref.models.lora`); None = every parameter trains.
   lora: LoraConfig | None = None

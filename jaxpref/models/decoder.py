@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpref.models import layers, rope
+from jaxpref.models import attention, layers, rope
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.convert import Tensor
 
@@ -65,7 +65,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x_bld: jax.Array, mask_b1ll: jax.Array, cos_blr: jax.Array, sin_blr: jax.Array
+    self, x_bld: jax.Array, vis: attention.Visibility, cos_blr: jax.Array, sin_blr: jax.Array
   ) -> jax.Array:
     cfg, family = self.cfg, self.family
     head_dim = cfg.dim_per_head
@@ -96,7 +96,7 @@ class Attention(nn.Module):
     query = rope.apply_rotary(query, cos_blr, sin_blr)
     key = rope.apply_rotary(key, cos_blr, sin_blr)
     # Query heads are grouped onto kv heads the way `repeat_kv` does.
-    out_blhd = layers.causal_attention(cfg, query, key, value, mask_b1ll)
+    out_blhd = attention.attend(cfg, query, key, value, vis)
     return layers.dense(
       cfg,
       cfg.hidden_size,
@@ -184,10 +184,10 @@ class MoE(nn.Module):
 
 class DecoderLayer(nn.Module):
   """One layer; a `nn.scan` body
-  `(hidden, sliding, mask, sliding_mask, cos, sin, local_cos, local_sin) -> (hidden, emitted)`.
+  `(hidden, sliding, vis, sliding_vis, cos, sin, local_cos, local_sin) -> (hidden, emitted)`.
 
-  With `mixed`, the scanned flag `sliding` selects the sliding mask and the local rotary angles;
-  otherwise `mask`, `cos` and `sin` are already this (every) layer's.
+  With `mixed`, the scanned flag `sliding` selects the sliding window's visibility and the local
+  rotary angles; otherwise `vis`, `cos` and `sin` are already this (every) layer's.
   """
 
   cfg: ModelConfig
@@ -196,14 +196,14 @@ class DecoderLayer(nn.Module):
   emit_hidden: bool = False
 
   @nn.compact
-  def __call__(self, hidden_bld, sliding, mask_b1ll, sliding_mask_b1ll, cos, sin, cos_l, sin_l):
+  def __call__(self, hidden_bld, sliding, vis, sliding_vis, cos, sin, cos_l, sin_l):
     cfg, family = self.cfg, self.family
     if self.mixed:
-      mask_b1ll = jnp.where(sliding, sliding_mask_b1ll, mask_b1ll)
+      vis = attention.select(sliding, vis, sliding_vis)
       cos, sin = jnp.where(sliding, cos_l, cos), jnp.where(sliding, sin_l, sin)
-    attention = Attention(cfg, family, name=family.attn)
+    attn = Attention(cfg, family, name=family.attn)
     mlp = MoE(cfg, name="mlp") if cfg.num_experts else MLP(cfg, family, name="mlp")
-    attn_bld = attention(_norm(cfg, family, "input_layernorm")(hidden_bld), mask_b1ll, cos, sin)
+    attn_bld = attn(_norm(cfg, family, "input_layernorm")(hidden_bld), vis, cos, sin)
     if family.sandwich_norms:
       attn_bld = _norm(cfg, family, "post_attention_layernorm")(attn_bld)
       hidden_bld = hidden_bld + attn_bld
@@ -250,19 +250,23 @@ class Decoder(nn.Module):
     embedded_bld = layers.embed(cfg, cfg.vocab_size, family.embed)(input_ids_bl)
     if family.embed_scale:
       embedded_bld = embedded_bld * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.jnp_dtype)
-    positions_bl, mask_b1ll = layers.decoder_positions_and_mask(
-      attention_mask_bl, segment_ids_bl, positions_bl, branch_ids_bl
+    # Masks or segment ids, as the attention implementation for this backend and case reads them.
+    positions_bl, vis, sliding_vis = attention.visibility(
+      cfg,
+      attention_mask_bl,
+      segment_ids_bl,
+      positions_bl,
+      branch_ids_bl,
+      log=not self.is_initializing(),
     )
     cos_blr, sin_blr = rope.rotary_angles(cfg, positions_bl)
     sliding_n = cfg.sliding_layers
-    sliding_mask_b1ll, cos_l, sin_l = mask_b1ll, cos_blr, sin_blr
-    if any(sliding_n):
-      sliding_mask_b1ll = layers.sliding_window_mask(mask_b1ll, positions_bl, cfg.sliding_window)
-      if cfg.rope_local_theta:
-        cos_l, sin_l = rope.rotary_angles(_local_rope_cfg(cfg), positions_bl)
+    cos_l, sin_l = cos_blr, sin_blr
+    if any(sliding_n) and cfg.rope_local_theta:
+      cos_l, sin_l = rope.rotary_angles(_local_rope_cfg(cfg), positions_bl)
     mixed = len(set(sliding_n)) == 2
-    if all(sliding_n):  # every layer slides: give them the sliding mask and angles directly
-      mask_b1ll, cos_blr, sin_blr = sliding_mask_b1ll, cos_l, sin_l
+    if all(sliding_n):  # every layer slides: give them the sliding window and angles directly
+      vis, cos_blr, sin_blr = sliding_vis, cos_l, sin_l
     stack = layers.scan_layers(
       DecoderLayer,
       cfg,
@@ -275,8 +279,8 @@ class Decoder(nn.Module):
     last_bld, per_layer = stack(
       embedded_bld,
       jnp.asarray(sliding_n),
-      mask_b1ll,
-      sliding_mask_b1ll,
+      vis,
+      sliding_vis,
       cos_blr,
       sin_blr,
       cos_l,

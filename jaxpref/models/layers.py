@@ -6,7 +6,8 @@ Logical axis names used across jaxpref (mapped onto mesh axes by `jaxpref.shardi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -258,6 +259,20 @@ def causal_attention(
   return jnp.concatenate(out_blocks, axis=1)
 
 
+_unroll = [False]
+
+
+@contextlib.contextmanager
+def unrolled_layers() -> Iterator[None]:
+  """Models built under this unroll their layer scan (same numbers, no loop): XLA's cost
+  analysis counts a loop body once, so `jaxpref.aot` measures per-layer costs this way."""
+  _unroll.append(True)
+  try:
+    yield
+  finally:
+    _unroll.pop()
+
+
 def scan_layers(
   layer_cls: type[nn.Module],
   cfg: ModelConfig,
@@ -291,6 +306,7 @@ def scan_layers(
     split_rngs={"params": True, "dropout": True},  # LoRA dropout differs per layer
     in_axes=(0,) * num_scanned + (nn.broadcast,) * num_broadcast,
     length=cfg.num_layers,
+    unroll=cfg.num_layers if _unroll[-1] else 1,
     metadata_params={nn.PARTITION_NAME: "layers"},
   )
   return scanned(cfg=cfg, name=name, **layer_kwargs)

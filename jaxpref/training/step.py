@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jaxpref.data.batch import PackedBatch, TrainBatch
 from jaxpref.evaluation import scoring
-from jaxpref.models import lora
+from jaxpref.models import attention, lora
 from jaxpref.models.config import ModelConfig
 from jaxpref.objectives import objective as objectives
 from jaxpref.training import state as train_state
@@ -212,6 +212,18 @@ class TrainProgram:
     )
 
 
+def _traced_on(mesh: Mesh, fn: Callable) -> Callable:
+  """`fn`, traced with `mesh` as the attention kernels' mesh (`jaxpref.models.attention`): Pallas
+  kernels then run per shard, and `model.attention=auto` resolves for the mesh's platform."""
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with attention.kernel_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
 def build_train_step(
   model_cfg: ModelConfig,
   *,
@@ -241,6 +253,7 @@ def build_train_step(
     step_fn = jax.jit(step, donate_argnums=0)
   else:
     state_shardings = train_state.state_shardings(model_cfg, abstract_state, mesh)
+    step = _traced_on(mesh, step)
     step_fn = jax.jit(
       step,
       in_shardings=(state_shardings, None),
