@@ -35,9 +35,10 @@ def test_every_script_is_listed():
   assert set(SCRIPTS) == set(EXPECTED), "add new benchmark scripts to EXPECTED"
 
 
-# more_overhead's smoke run is slow (two objectives compiled and timed); its step is the
-# trainer's, exercised by every training test.
-SLOW_SCRIPTS = {"more_overhead.py"}
+# more_overhead's and train_throughput's smoke runs are slow (several sides compiled and timed in
+# subprocesses); their step is the trainer's, exercised by every training test, and
+# device_throughput's smoke run (by default) times the same step against PyTorch.
+SLOW_SCRIPTS = {"more_overhead.py", "train_throughput.py"}
 
 
 @pytest.mark.parametrize(
