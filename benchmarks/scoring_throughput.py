@@ -3,10 +3,10 @@
 Both score the same token ids (helpful pairs from the shared data, GPT-2 tokenizer, left
 truncation to `--max_length` with EOS appended, as jaxpref tokenises) with the same random
 GPT-NeoX reward model (created in transformers, loaded by jaxpref with `hf_io.load_hf`).
-jaxpref sorts by length and pads to power-of-two buckets (jitted once per bucket); transformers
-runs under `torch.no_grad()` padding each batch to its longest row, in input order (the usual
-loop) and, for reference, sorted by length. Each side scores everything once untimed (jaxpref
-compiles then; reported) and once timed. The largest reward difference between the two is
+jaxpref packs each pair (its prompt once, `data.shared_prompts`; jitted once per row shape);
+transformers runs under `torch.no_grad()` padding each batch to its longest row, in input order
+(the usual loop) and, for reference, sorted by length. Each side scores everything once untimed
+(jaxpref compiles then; reported) and once timed. The largest reward difference between the two is
 reported as a check that both computed the same thing.
 
 `--best_of_n 4,8,16`: best-of-n scoring instead, n responses to each of `--prompts` helpful
@@ -142,9 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     pad_token_id=shared_setup.PAD_ID,
   )
 
-  _, jax_first_s = timed(lambda: scorer.score_token_ids(sequences))
-  jax_rewards, jax_s = timed(lambda: scorer.score_token_ids(sequences))
-  rows = {"jaxpref Scorer (sorted, buckets)": jax_s}
+  pairs = [2] * (len(sequences) // 2)  # chosen and rejected share their prompt
+  _, jax_first_s = timed(lambda: scorer.score_token_ids(sequences, group_sizes=pairs))
+  jax_rewards, jax_s = timed(lambda: scorer.score_token_ids(sequences, group_sizes=pairs))
+  rows = {"jaxpref Scorer (packed, shared prompts)": jax_s}
   for sort in (False, True):
     score_hf(model, sequences[: 2 * args.batch_size], args.batch_size, sort)  # Warm-up.
     hf_rewards, seconds = timed(lambda sort=sort: score_hf(model, sequences, args.batch_size, sort))
