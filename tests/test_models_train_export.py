@@ -64,6 +64,9 @@ def test_train_export_transformers(tmp_path, monkeypatch, case):
   ids = np.where((ids == cfg.pad_token_id) & (mask > 0), 7, ids)
   ours, _ = score_fn(cfg, params, jnp.asarray(ids[:, None], jnp.int32), jnp.asarray(mask[:, None]))
   model = transformers.AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
+  # transformers pools the last token that is not the export's pad id (the run's, e.g. an added
+  # `<|pad|>`, not necessarily the base checkpoint's), so pad with that id.
+  ids = np.where(mask > 0, ids, model.config.pad_token_id)
   with torch.no_grad():
     theirs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0]
   np.testing.assert_allclose(np.asarray(ours)[:, 0], theirs.numpy(), atol=1e-4)
