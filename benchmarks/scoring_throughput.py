@@ -92,6 +92,26 @@ def score_hf(model, sequences, batch_size: int, sort: bool) -> np.ndarray:
   return rewards
 
 
+def load_models(args):
+  """The same random GPT-NeoX RM for both sides: jaxpref's (cfg, params on device) and
+  transformers' model in eval mode."""
+  import jax
+  import torch
+  import transformers
+
+  from jaxpref.models import hf_io
+
+  with tempfile.TemporaryDirectory() as tmp:
+    checkpoint = shared_setup.make_checkpoint(
+      Path(tmp) / "checkpoint", args.hidden, args.layers, args.max_length
+    )
+    cfg, params = hf_io.load_hf(checkpoint)
+    model = transformers.GPTNeoXForSequenceClassification.from_pretrained(
+      checkpoint, torch_dtype=torch.float32
+    ).eval()
+  return cfg, jax.device_put(params), model
+
+
 def timed(fn):
   t0 = time.perf_counter()
   out = fn()
@@ -120,20 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
 
   import jax
   import torch
-  import transformers
 
   from jaxpref.evaluation.scoring import Scorer
-  from jaxpref.models import hf_io
 
   sequences = token_ids(args.pairs, args.max_length)
-  with tempfile.TemporaryDirectory() as tmp:
-    checkpoint = shared_setup.make_checkpoint(
-      Path(tmp) / "checkpoint", args.hidden, args.layers, args.max_length
-    )
-    cfg, params = hf_io.load_hf(checkpoint)
-    model = transformers.GPTNeoXForSequenceClassification.from_pretrained(
-      checkpoint, torch_dtype=torch.float32
-    ).eval()
+  cfg, params, model = load_models(args)
   scorer = Scorer(
     cfg,
     jax.device_put(params),
@@ -196,22 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def best_of_n_main(args, argv) -> dict:
-  import jax
   import torch
-  import transformers
 
   from jaxpref.evaluation.scoring import Scorer
-  from jaxpref.models import hf_io
 
-  with tempfile.TemporaryDirectory() as tmp:
-    checkpoint = shared_setup.make_checkpoint(
-      Path(tmp) / "checkpoint", args.hidden, args.layers, args.max_length
-    )
-    cfg, params = hf_io.load_hf(checkpoint)
-    model = transformers.GPTNeoXForSequenceClassification.from_pretrained(
-      checkpoint, torch_dtype=torch.float32
-    ).eval()
-  params = jax.device_put(params)
+  cfg, params, model = load_models(args)
   kwargs = dict(batch_size=args.batch_size, max_length=args.max_length)
   scorers = {
     "jaxpref Scorer (packed, shared prompts)": Scorer(cfg, params, **kwargs),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxpref.models.config import ModelConfig
+
 VOCAB, PAD = 211, 0
 TINY_HF = dict(
   vocab_size=VOCAB,
@@ -100,3 +102,19 @@ def hf_run(torch, model, ids, mask):
       output_hidden_states=True,
     )
   return out.logits[:, 0].float().numpy(), np.stack([h.float().numpy() for h in out.hidden_states])
+
+
+# jaxpref's own tiny decoders (no transformers needed), for the packing tests.
+_TINY_NATIVE = dict(
+  vocab_size=97,
+  hidden_size=32,
+  num_layers=2,
+  num_heads=4,
+  intermediate_size=48,
+  max_position_embeddings=64,
+  initializer_range=0.2,
+)
+NATIVE_DECODERS = {
+  "gpt_neox": ModelConfig(arch="gpt_neox", rotary_pct=0.25, **_TINY_NATIVE),
+  "llama": ModelConfig(arch="llama", num_kv_heads=2, hidden_act="silu", **_TINY_NATIVE),
+}

@@ -9,28 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hf_models import NATIVE_DECODERS
 
 from jaxpref.data import packing
 from jaxpref.data.batch import PaddedBatch
 from jaxpref.evaluation import scoring
 from jaxpref.models import reward_model
-from jaxpref.models.config import ModelConfig
 from jaxpref.objectives import objective as objectives
 from jaxpref.training import step as train_step_lib
 
-TINY = dict(
-  vocab_size=97,
-  hidden_size=32,
-  num_layers=2,
-  num_heads=4,
-  intermediate_size=48,
-  max_position_embeddings=64,
-  initializer_range=0.2,
-)
-CONFIGS = {
-  "gpt_neox": ModelConfig(arch="gpt_neox", rotary_pct=0.25, **TINY),
-  "llama": ModelConfig(arch="llama", num_kv_heads=2, hidden_act="silu", **TINY),
-}
+CONFIGS = NATIVE_DECODERS
 LENGTHS_BN = [[12, 5], [3, 16], [9, 0], [1, 7]]  # [2, 0]: a padded (empty) second response.
 
 

@@ -10,27 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import VARIANTS, hf_model
+from hf_models import NATIVE_DECODERS, VARIANTS, hf_model
 
 from jaxpref.data import packing
 from jaxpref.data.batch import PaddedBatch
 from jaxpref.evaluation import evaluator, scoring
 from jaxpref.models import hf_io, reward_model
-from jaxpref.models.config import ModelConfig
 
-TINY = dict(
-  vocab_size=97,
-  hidden_size=32,
-  num_layers=2,
-  num_heads=4,
-  intermediate_size=48,
-  max_position_embeddings=64,
-  initializer_range=0.2,
-)
-NATIVE = {
-  "gpt_neox": ModelConfig(arch="gpt_neox", rotary_pct=0.25, **TINY),
-  "llama": ModelConfig(arch="llama", num_kv_heads=2, hidden_act="silu", **TINY),
-}
+NATIVE = NATIVE_DECODERS
 # (prompt length, own tokens of each response): N = 2 and N = 3, a response of one own token,
 # an item with no common prefix, and a padding (empty) third response.
 ITEMS = [(6, [4, 7, 2]), (9, [1, 5, 0]), (0, [8, 3, 0]), (3, [6, 6, 6]), (5, [2, 9, 0])]
