@@ -123,6 +123,8 @@ def test_pack_groups_layout():
   # 3 + 2 + 1 + 3 own tokens; the identical pair once; 1.
   assert (rows.segment_ids > 0).sum() == 3 + 6 + 2 + 1
   assert rows.last_index[3] == rows.last_index[4]
+  unshared = packing.pack_groups(groups, row_length=16)  # identical ones once here too
+  assert unshared.last_index[3] == unshared.last_index[4] >= 0
   assert packing.rows_needed(groups, 16, share_prompts=True) == rows.input_ids.shape[0]
   assert packing.shared_prefix_length([np.array([1, 2]), np.array([1])]) == 0
   assert packing.shared_prefix_length([np.array([1, 2, 3])]) == 0

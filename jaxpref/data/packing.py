@@ -14,10 +14,10 @@ that are in the prefix or in its own branch (`jaxpref.models.layers.causal_segme
 every hidden state, reward and gradient is the one the response gets when scored whole: in a
 causal model the prefix's states do not depend on what follows, and the gradient through them is
 the sum of the responses' gradients either way. The prefix is cut one token short of the shortest
-response, so every response keeps at least its last token for pooling; identical responses of a
-group are packed once (and get exactly the same reward); a group that does not fit one row is
-split into segments that each repeat the prefix; a whole batch that sharing would give more
-rows is packed unshared.
+response, so every response keeps at least its last token for pooling; a group that does not
+fit one row is split into segments that each repeat the prefix; a whole batch that sharing would
+give more rows is packed unshared. With or without sharing, identical responses of a group are
+packed once and read at one position (exactly the same reward).
 
 `pack_groups` packs any groups of token sequences (the pipeline's batches via `pack_batch`,
 evaluation, and `jaxpref.score`'s records: a best-of-n prompt and its n responses).
@@ -134,21 +134,19 @@ def _first_copies(group: Sequence[np.ndarray]) -> list[int]:
 
 def _plan(
   sequences_gs: Sequence[Sequence[np.ndarray]], row_length: int, share_prompts: bool
-) -> tuple[list[Unit], np.ndarray, np.ndarray, int, list[list[int]] | None]:
-  """Units, their rows and, with `share_prompts`, each sequence's first copy in its group.
+) -> tuple[list[Unit], np.ndarray, np.ndarray, int, list[list[int]]]:
+  """Units, their rows, and each sequence's first copy in its group.
 
-  With `share_prompts`, the responses of a group that are identical (pairs that truncation made
-  equal, repeated best-of-n samples) are packed once and read at the same position, so they get
-  exactly the same reward; and the shared layout is used unless it needs more rows than the
-  unshared one (a group must fit one row, which can pack worse where prompts are short next to
-  their responses); fewer rows is less work either way."""
-  copies_gs = None
-  if share_prompts:
-    copies_gs = [_first_copies(g) for g in sequences_gs]
-    sequences_gs = [
-      [s if copies[k] == k else s[:0] for k, s in enumerate(g)]
-      for g, copies in zip(sequences_gs, copies_gs)
-    ]
+  The sequences of a group that are identical (pairs that truncation made equal, repeated
+  best-of-n samples) are packed once and read at the same position, so they get exactly the
+  same reward. With `share_prompts`, the shared layout is used unless it needs more rows than
+  the unshared one (a group must fit one row, which can pack worse where prompts are short next
+  to their responses); fewer rows is less work either way."""
+  copies_gs = [_first_copies(g) for g in sequences_gs]
+  sequences_gs = [
+    [s if copies[k] == k else s[:0] for k, s in enumerate(g)]
+    for g, copies in zip(sequences_gs, copies_gs)
+  ]
   lengths_gs = [[len(s) for s in group] for group in sequences_gs]
   units = plan_units(lengths_gs, [0] * len(lengths_gs), row_length)
   plan = (units, *_rows(units, row_length), copies_gs)
@@ -233,7 +231,7 @@ def pack_groups(
       positions_rl[r, span] = unit.prefix + np.arange(len(own))
       col += len(own)
       last_index_s[offset_g[unit.group] + k] = (row_offset + r) * row_length + col - 1
-  for g, copies in enumerate(copies_gs or ()):
+  for g, copies in enumerate(copies_gs):
     for k, first in enumerate(copies):
       if first != k:
         last_index_s[offset_g[g] + k] = last_index_s[offset_g[g] + first]

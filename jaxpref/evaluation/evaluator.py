@@ -19,6 +19,7 @@ from jaxpref.data.batch import PaddedBatch
 from jaxpref.data.contract import InputContract
 from jaxpref.data.records import PreferenceItem
 from jaxpref.evaluation import calibration, reward_stats, scoring
+from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
 
 # The metrics logged per task during training (the full report has more).
@@ -83,10 +84,10 @@ def collect_rewards(
   Responses beyond an item's own count are padded with score -1 (ignored by every metric).
   `progress`: a description to show a progress bar with (None: no bar).
   `packing`, `share_prompts`: score each batch packed, each item's common prompt once, where the
-  model allows (`scoring.packable`); the rewards are those of the padded batch.
+  model allows (`reward_model.packable`); the rewards are those of the padded batch.
   """
   score = scoring.compiled_score_fn(cfg)
-  packed = packing and scoring.packable(cfg)
+  packed = packing and reward_model.packable(cfg)
   rewards, scores = [], []
   if progress:
     from tqdm.auto import tqdm

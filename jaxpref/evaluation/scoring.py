@@ -5,8 +5,8 @@ stacked response axis in one forward pass; `packed_score_fn` scores packed rows
 (`jaxpref.data.packing`, shared prompts included) with the same model. The train step
 differentiates them (`score_batch`); evaluation and `Scorer` jit them once per shape, so nothing
 re-implements the forward pass. Evaluation and scoring pack by default where the model can
-(`packable`: a causal decoder with last-token pooling), with each group's (item's, or best-of-n
-record's) common prompt computed once.
+(`reward_model.packable`: a causal decoder with last-token pooling), with each group's (item's,
+or best-of-n record's) common prompt computed once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxpref.data import packing
 from jaxpref.data.batch import PaddedBatch, TrainBatch
-from jaxpref.models import registry, reward_model
+from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
 
 
@@ -105,11 +105,6 @@ def packed_score_fn(
     packed={k: rows[k] for k in ("segment_ids", "branch_ids", "positions", "last_index")},
   )
   return outputs["rewards"], outputs["pooled"]
-
-
-def packable(cfg: ModelConfig) -> bool:
-  """Whether packed rows give this model's rewards: a causal decoder with last-token pooling."""
-  return registry.get(cfg.arch).decoder and cfg.pooling == "last"
 
 
 @functools.lru_cache(maxsize=32)
@@ -231,9 +226,10 @@ def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
 class Scorer:
   """Scores tokenised sequences with the shared compiled scoring functions.
 
-  Packed (default, where `packable`): groups of sequences (e.g. a best-of-n prompt's responses;
-  by default each sequence alone) are sorted by length and packed, about `batch_size` rows a
-  call, each group's common prompt computed once with `share_prompts`. Padded (`packing=False`,
+  Packed (default, where `reward_model.packable`): groups of sequences (e.g. a best-of-n prompt's
+  responses; by default each sequence alone) are sorted by length and packed, about `batch_size`
+  rows a call, each group's common prompt computed once with `share_prompts` and its identical
+  sequences once. Padded (`packing=False`,
   or an encoder): sequences sorted by length, each batch padded to `batch_size` rows and to a
   length bucket, so the number of compilations is at most the number of buckets.
   """
@@ -258,7 +254,7 @@ class Scorer:
     if padding_side not in ("left", "right"):
       raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
     self.padding_side = padding_side
-    self.packing = packing and packable(cfg)
+    self.packing = packing and reward_model.packable(cfg)
     self.share_prompts = share_prompts
     self._fn = compiled_score_fn(cfg)
 
@@ -322,14 +318,9 @@ class Scorer:
     if sum(sizes) != len(sequences) or min(sizes, default=1) < 1:
       raise ValueError(f"group_sizes sum to {sum(sizes)} for {len(sequences)} sequences")
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
-    # Identical sequences of a group (repeated best-of-n samples, or texts that truncation made
-    # equal) are scored once, so they get exactly the same reward.
-    groups, copies = [], []
-    for a, n in zip(starts, sizes):
-      unique: dict[bytes, int] = {}
-      group = [np.asarray(sequences[i], np.int32) for i in range(a, a + n)]
-      copies.append([unique.setdefault(x.tobytes(), len(unique)) for x in group])
-      groups.append([group[copies[-1].index(u)] for u in range(len(unique))])
+    groups = [
+      [np.asarray(sequences[i], np.int32) for i in range(a, a + n)] for a, n in zip(starts, sizes)
+    ]
     # Rows as long as the power of two that holds a chunk's longest sequence (longest first;
     # a group longer than a row is split into segments that each repeat its prompt), and about
     # `batch_size` rows of tokens a call.
@@ -364,7 +355,7 @@ class Scorer:
         row_multiple=max(1, self.batch_size // 4),
       )
       for g, values in zip(chunk, rewards_g):
-        rewards[starts[g] : starts[g] + sizes[g]] = values[copies[g]]
+        rewards[starts[g] : starts[g] + sizes[g]] = values
     return rewards
 
   def score_batch(self, input_ids_bnl: np.ndarray, attention_mask_bnl: np.ndarray) -> np.ndarray:

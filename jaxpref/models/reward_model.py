@@ -78,9 +78,15 @@ def pool(
   raise ValueError(f"unknown pooling {pooling!r}")
 
 
+def packable(cfg: ModelConfig) -> bool:
+  """Whether packed rows give this model's rewards: a causal decoder (segments must not see later
+  ones) with `last` pooling."""
+  return registry.get(cfg.arch).decoder and cfg.pooling == "last"
+
+
 def check_packable(cfg: ModelConfig) -> None:
-  """Packed rows need a causal decoder (segments must not see later ones) and `last` pooling."""
-  if not registry.get(cfg.arch).decoder or cfg.pooling != "last":
+  """Refuses packed rows for a model that is not `packable`."""
+  if not packable(cfg):
     raise ValueError(
       f"data.packing needs a decoder with last-token pooling; model.arch={cfg.arch!r}, "
       f"model.pooling={cfg.pooling!r}"

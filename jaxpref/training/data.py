@@ -19,7 +19,7 @@ from jaxpref.data import pipeline, reader, splits, tokenize
 from jaxpref.data.batch import TrainBatch
 from jaxpref.data.errors import DataConfigError
 from jaxpref.data.records import DataSummary, PreferenceItem, group_by_task
-from jaxpref.models import registry
+from jaxpref.models import reward_model
 from jaxpref.models.config import ModelConfig
 
 
@@ -206,7 +206,7 @@ def settle_packing(config: ml_collections.ConfigDict, model_cfg: ModelConfig) ->
   data = config.data
   if data.packing:
     why = None
-    if not registry.get(model_cfg.arch).decoder or model_cfg.pooling != "last":
+    if not reward_model.packable(model_cfg):
       why = f"model.arch={model_cfg.arch} with model.pooling={model_cfg.pooling} reads padded rows"
     elif config.train.grad_accum_steps > 1:
       why = f"train.grad_accum_steps={config.train.grad_accum_steps} splits padded batches"
