@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_models import PAD, VOCAB, tokens
 
 from jaxpref.models import hf_io
 from jaxpref.models import reward_model as rm
 from jaxpref.models.config import ModelConfig
 
-VOCAB, PAD = 211, 0
 TINY_HF = dict(
   vocab_size=VOCAB,
   hidden_size=64,
@@ -121,17 +121,6 @@ def _save(model, path: Path, **kwargs) -> Path:
   return path
 
 
-def _tokens(lengths, length, *, left: bool, seed: int = 0):
-  """Token ids (never PAD on real tokens) and mask, padded on the right or on the left."""
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(1, VOCAB, (len(lengths), length))
-  mask = (np.arange(length)[None] < np.asarray(lengths)[:, None]).astype(np.int64)
-  if left:
-    ids = np.stack([np.roll(row, length - n) for row, n in zip(ids, lengths)])
-    mask = mask[:, ::-1].copy()
-  return np.where(mask > 0, ids, PAD), mask
-
-
 def _hf_run(torch, model, ids, mask):
   """transformers outputs with jaxpref's position convention (0 at each first real token)."""
   positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
@@ -166,7 +155,7 @@ def _hf_unpadded(torch, model, ids, mask):
   return rewards, hidden
 
 
-def _max_err_on_real_tokens(hidden_nbld, hf_hidden_nbld, mask_bl):
+def _max_err_on_realtokens(hidden_nbld, hf_hidden_nbld, mask_bl):
   return float(np.abs((hidden_nbld - hf_hidden_nbld) * mask_bl[None, :, :, None]).max())
 
 
@@ -185,8 +174,8 @@ def test_sequence_classification_parity(torch, tmp_path, variant):
   dynamic = "dynamic" in variant
   lengths = DYNAMIC_LENGTHS if dynamic else LENGTHS
   length = max(lengths)
-  right_ids, right_mask = _tokens(lengths, length, left=False)
-  left_ids, left_mask = _tokens(lengths, length, left=True)
+  right_ids, right_mask = tokens(lengths, length, left=False)
+  left_ids, left_mask = tokens(lengths, length, left=True)
   ids, mask = np.concatenate([right_ids, left_ids]), np.concatenate([right_mask, left_mask])
   out = _apply(cfg, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
   rewards, hidden = np.asarray(out["rewards"]), np.asarray(out["hidden_states"])
@@ -206,7 +195,7 @@ def test_sequence_classification_parity(torch, tmp_path, variant):
   hf_rewards, hf_hidden = _hf_run(torch, model, ids, mask)
   np.testing.assert_allclose(rewards, hf_rewards, atol=1e-4)
   assert hidden.shape == hf_hidden.shape
-  assert _max_err_on_real_tokens(hidden, hf_hidden, mask) < 1e-4
+  assert _max_err_on_realtokens(hidden, hf_hidden, mask) < 1e-4
 
 
 @pytest.mark.parity
@@ -219,10 +208,10 @@ def test_causal_lm_backbone_and_fresh_head(torch, tmp_path, tied, caplog):
   with caplog.at_level(logging.WARNING, logger="jaxpref"):
     cfg, params = hf_io.load_hf(path, head_seed=3)
   assert not caplog.records  # lm_head (untied) is expected and not reported as unused
-  ids, mask = _tokens(LENGTHS, max(LENGTHS), left=True)
+  ids, mask = tokens(LENGTHS, max(LENGTHS), left=True)
   out = _apply(cfg, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
   _, hf_hidden = _hf_run(torch, model, ids, mask)
-  assert _max_err_on_real_tokens(np.asarray(out["hidden_states"]), hf_hidden, mask) < 1e-4
+  assert _max_err_on_realtokens(np.asarray(out["hidden_states"]), hf_hidden, mask) < 1e-4
   # The head is fresh: normal(0, initializer_range), reproducible from the seed.
   kernel = params["score"]["kernel"]
   assert kernel.shape == (cfg.hidden_size, 1)
@@ -242,21 +231,21 @@ def test_base_model_and_sharded_checkpoint(torch, tmp_path):
   cfg_sharded, params_sharded = hf_io.load_hf(sharded)
   assert cfg_sharded == cfg
   jax.tree.map(np.testing.assert_array_equal, params_sharded, params)
-  ids, mask = _tokens(LENGTHS, max(LENGTHS), left=False)
+  ids, mask = tokens(LENGTHS, max(LENGTHS), left=False)
   out = _apply(cfg, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
   with torch.no_grad():
     hf_out = model(
       input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True
     )
   hf_hidden = np.stack([h.numpy() for h in hf_out.hidden_states])
-  assert _max_err_on_real_tokens(np.asarray(out["hidden_states"]), hf_hidden, mask) < 1e-4
+  assert _max_err_on_realtokens(np.asarray(out["hidden_states"]), hf_hidden, mask) < 1e-4
 
 
 @pytest.mark.parity
 def test_bfloat16_is_close(torch, tmp_path):
   model = _hf_model(torch, "LlamaConfig", num_key_value_heads=2)
   path = _save(model, tmp_path)
-  ids, mask = _tokens(LENGTHS, max(LENGTHS), left=True)
+  ids, mask = tokens(LENGTHS, max(LENGTHS), left=True)
   want, _ = _hf_run(torch, model, ids, mask)
   hf_bf16, _ = _hf_run(torch, model.to(torch.bfloat16), ids, mask)
   cfg, params = hf_io.load_hf(path, dtype="bfloat16", param_dtype="bfloat16")
@@ -285,7 +274,7 @@ def test_save_hf_round_trip_through_transformers(torch, tmp_path, variant):
   reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(
     str(out_dir), attn_implementation="eager"
   ).eval()
-  ids, mask = _tokens(LENGTHS, max(LENGTHS), left=True)
+  ids, mask = tokens(LENGTHS, max(LENGTHS), left=True)
   want, _ = _hf_run(torch, model, ids, mask)
   got, _ = _hf_run(torch, reloaded, ids, mask)
   np.testing.assert_allclose(got, want, atol=1e-6)

@@ -8,9 +8,6 @@ real token), so the comparison is of the networks, independent of how text becom
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,14 +44,7 @@ def test_train_export_transformers(tmp_path, monkeypatch, case):
   hf_model(torch, "case").save_pretrained(str(base))
   workdir, hf_dir = tmp_path / "run", tmp_path / "hf"
   th.run_train(workdir, f"--config.model.path={base}", "--config.train.steps=2")
-  subprocess.run(
-    [sys.executable, "-m", "jaxpref.export", f"--workdir={workdir}", f"--output={hf_dir}"],
-    check=True,
-    env=th.env_with(),
-    cwd=th.REPO,
-    capture_output=True,
-    text=True,
-  )
+  th.run_export(workdir, hf_dir)
   cfg, params, _, step = load_for_inference(workdir=str(workdir))
   assert step == 2 and cfg.arch == case
   rng = np.random.default_rng(0)
@@ -101,14 +91,7 @@ def test_two_process_training_reads_half_the_checkpoint_each(tmp_path, monkeypat
   for result in results:
     read = [int(n) for n in re.findall(r"read (\d+) bytes of tensor data", result.stderr)]
     assert read and 0.4 * size < read[0] < 0.6 * size, (read, size)
-  subprocess.run(
-    [sys.executable, "-m", "jaxpref.export", f"--workdir={workdir}", f"--output={hf_dir}"],
-    check=True,
-    env=th.env_with(),
-    cwd=th.REPO,
-    capture_output=True,
-    text=True,
-  )
+  th.run_export(workdir, hf_dir)
   from jaxpref.evaluation.scoring import score_fn
   from jaxpref.models.source import load_for_inference
 

@@ -57,14 +57,7 @@ def test_train_resume_export_score(tmp_path):
 
   # Export to Hugging Face and score with it through the CLI.
   hf_dir = tmp_path / "hf"
-  subprocess.run(
-    [sys.executable, "-m", "jaxpref.export", f"--workdir={workdir}", f"--output={hf_dir}"],
-    check=True,
-    env=th.env_with(),
-    cwd=th.REPO,
-    capture_output=True,
-    text=True,
-  )
+  th.run_export(workdir, hf_dir)
   assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
   data = tmp_path / "in.jsonl"
   data.write_text(

@@ -86,6 +86,18 @@ def run_train(
   return proc
 
 
+def run_export(workdir: Path, output: Path, *flags: str) -> subprocess.CompletedProcess:
+  """`python -m jaxpref.export --workdir=WORKDIR --output=OUTPUT`, checked."""
+  return subprocess.run(
+    [sys.executable, "-m", "jaxpref.export", f"--workdir={workdir}", f"--output={output}", *flags],
+    check=True,
+    env=env_with(),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
